@@ -1,0 +1,32 @@
+"""edgeslm eval: perplexity on the Brown corpus or a local text file."""
+
+from __future__ import annotations
+
+import torch
+
+from ..evaluate import DEFAULT_CONTEXT, DEFAULT_TOKENS, decoder_logits_fn, eval_tokens, perplexity
+from ..data import load_eval_text
+from ..loading import load_model
+from .common import DTYPES, add_json_argument, add_model_argument, emit
+
+HELP = "perplexity of a model on the Brown corpus (default: test split) or a text/JSONL file"
+
+
+def add_arguments(p):
+    add_model_argument(p)
+    p.add_argument("--data", default="brown:test", help="brown:test|brown:valid|brown:train or a .txt/.jsonl path")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens scored (default %(default)s)")
+    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="window length (default %(default)s)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_json_argument(p)
+
+
+def run(args) -> int:
+    torch.manual_seed(0)
+    model, tok, folder = load_model(args.model, dtype=DTYPES[args.dtype], allow_pickle=args.allow_pickle)
+    tokens = eval_tokens(tok, load_eval_text(args.data), args.tokens)
+    result = perplexity(decoder_logits_fn(model), tokens, args.context)
+    result.update(model=str(folder), data=args.data, dtype=args.dtype, backend="edgeslm reference decoder")
+    emit(result, args.json, lambda r: print(
+        f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens of {r['data']} (context {r['context']})"))
+    return 0

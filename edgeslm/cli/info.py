@@ -1,0 +1,70 @@
+"""edgeslm info: what a model is and what it costs in memory."""
+
+from __future__ import annotations
+
+from ..loading import load_model
+from .common import add_json_argument, add_model_argument, emit, human_bytes, table
+
+HELP = "architecture, parameter counts, weight bytes per precision and KV-cache memory per context"
+
+CONTEXTS = (512, 2048, 8192)
+# bytes per weight: int4 group-32 carries an fp16 scale per 32 weights
+PRECISIONS = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 2.0 / 4096, "int4-g32": 0.5 + 2.0 / 32}
+
+
+def add_arguments(p):
+    add_model_argument(p)
+    add_json_argument(p)
+
+
+def describe(model) -> dict:
+    s = model.spec
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.embed_tokens.weight.numel()
+    kv_bytes_per_token = {}
+    memory = []
+    for ctx in CONTEXTS:
+        # per layer: k and v, Hkv x D each; a local layer holds at most its window
+        slots = sum(min(ctx, s.sliding_window) if local and s.sliding_window else ctx for local in s.layer_is_local)
+        kv_fp16 = 2 * slots * s.num_kv_heads * s.head_dim * 2
+        kv_bytes_per_token[ctx] = kv_fp16 / ctx
+        memory.append({"context": ctx, "kv_cache_fp16_bytes": kv_fp16,
+                       **{f"total_{k}_bytes": int(params * v + kv_fp16) for k, v in PRECISIONS.items()}})
+    return {
+        "family": s.family,
+        "layers": s.num_layers,
+        "hidden_size": s.hidden_size,
+        "heads": s.num_heads,
+        "kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "vocab_size": s.vocab_size,
+        "tied_embeddings": s.tie_embeddings,
+        "sliding_window": s.sliding_window,
+        "local_layers": sum(s.layer_is_local),
+        "attn_softcap": s.attn_softcap,
+        "final_softcap": s.final_softcap,
+        "parameters": params,
+        "embedding_parameters": embedding,
+        "weight_bytes": {k: int(params * v) for k, v in PRECISIONS.items()},
+        "memory": memory,
+    }
+
+
+def render(r: dict):
+    print(f"{r['family']}: {r['parameters'] / 1e6:.1f}M parameters ({r['embedding_parameters'] / 1e6:.1f}M in the "
+          f"embedding{', tied' if r['tied_embeddings'] else ''}), {r['layers']} layers, hidden {r['hidden_size']}, "
+          f"{r['heads']} heads / {r['kv_heads']} kv heads x {r['head_dim']}")
+    if r["sliding_window"]:
+        print(f"sliding window {r['sliding_window']} on {r['local_layers']} of {r['layers']} layers")
+    if r["attn_softcap"] or r["final_softcap"]:
+        print(f"soft-caps: attention {r['attn_softcap']}, final {r['final_softcap']}")
+    print()
+    rows = [[m["context"], human_bytes(m["kv_cache_fp16_bytes"])]
+            + [human_bytes(m[f"total_{k}_bytes"]) for k in PRECISIONS] for m in r["memory"]]
+    print(table(rows, ["context", "KV fp16"] + [f"total {k}" for k in PRECISIONS]))
+
+
+def run(args) -> int:
+    model, _, _ = load_model(args.model, allow_pickle=args.allow_pickle, with_tokenizer=False)
+    emit(describe(model), args.json, render)
+    return 0

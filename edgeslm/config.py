@@ -1,0 +1,141 @@
+"""DecoderSpec: the handful of facts about a model family that the one decoder needs.
+
+transformers' config classes stay the source of truth (we load them, save them, and use their
+RoPE helpers); this module reads them once into a flat, frozen description so the decoder never
+branches on model_type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import EdgeSLMError
+
+# model_type -> family. A family is a set of switches below, not a code path.
+SUPPORTED_MODEL_TYPES = {
+    "llama": "llama",  # Llama 3.x, SmolLM/SmolLM2, TinyLlama
+    "qwen2": "qwen2",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "stablelm": "stablelm",
+}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary_dim: int  # < head_dim for partial rotary (StableLM 2)
+    norm: str  # "rms" | "rms_gemma" (weight stored as w-1) | "layer"
+    norm_eps: float
+    act: str  # "silu" | "gelu_tanh"
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_embeddings: bool
+    embed_scale: float | None  # Gemma multiplies embeddings by sqrt(hidden)
+    attn_scale: float  # 1/sqrt(query_pre_attn_scalar or head_dim)
+    attn_softcap: float | None
+    final_softcap: float | None
+    sliding_window: int | None
+    layer_is_local: tuple[bool, ...]  # per layer: sliding-window (local) or global attention
+    layer_rope: tuple[str, ...]  # per layer: key into the rope table (Gemma 3 has two bases)
+    sandwich_norms: bool  # Gemma 2/3: norms before and after attention and MLP
+    qk_norm: bool  # Gemma 3: RMSNorm over head_dim on q and k
+    parallel_residual: bool  # StableLM option: attention and MLP read the same normed input
+    max_position: int
+
+    @property
+    def has_local_layers(self) -> bool:
+        return self.sliding_window is not None and any(self.layer_is_local)
+
+
+def _get(cfg, name, default=None):
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def spec_from_hf_config(cfg) -> DecoderSpec:
+    """Reads a transformers PretrainedConfig; refuses what the decoder cannot express."""
+    model_type = getattr(cfg, "model_type", None)
+    family = SUPPORTED_MODEL_TYPES.get(model_type)
+    if family is None:
+        raise EdgeSLMError(
+            f"unknown architecture {model_type!r}; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
+        )
+    if family == "stablelm" and _get(cfg, "qk_layernorm", False):
+        raise EdgeSLMError("StableLM with qk_layernorm (per-head LayerNorm) is not supported yet")
+
+    hidden = cfg.hidden_size
+    num_heads = cfg.num_attention_heads
+    head_dim = _get(cfg, "head_dim", hidden // num_heads)
+    num_layers = cfg.num_hidden_layers
+    rope_params = _get(cfg, "rope_parameters", {}) or {}
+    partial = rope_params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))
+    if family == "phi3":
+        # Phi-3's partial_rotary_factor is for Phi-4-mini style configs; head_dim is derived
+        partial = _get(cfg, "partial_rotary_factor", partial)
+
+    layer_types = _get(cfg, "layer_types", None)
+    window = _get(cfg, "sliding_window", None)
+    if layer_types is None:
+        # Phi-3 (and Mistral-like configs) apply the window to every layer when it is set.
+        layer_types = ["sliding_attention" if window else "full_attention"] * num_layers
+    is_local = tuple(t == "sliding_attention" for t in layer_types)
+    if not any(is_local):
+        window = None
+    if family == "gemma3":
+        layer_rope = tuple(layer_types)  # rope_parameters is keyed by layer type
+    else:
+        layer_rope = ("default",) * num_layers
+
+    gemma = family in ("gemma2", "gemma3")
+    scalar = _get(cfg, "query_pre_attn_scalar", None) if gemma else None
+    act_name = _get(cfg, "hidden_activation", None) or _get(cfg, "hidden_act", "silu")
+    act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act_name)
+    if act is None:
+        raise EdgeSLMError(f"unsupported activation {act_name!r}")
+
+    if family == "stablelm":
+        norm, eps = "layer", cfg.layer_norm_eps
+        qkv_bias = bool(_get(cfg, "use_qkv_bias", False))
+    else:
+        norm, eps = ("rms_gemma" if gemma else "rms"), cfg.rms_norm_eps
+        qkv_bias = bool(_get(cfg, "attention_bias", False)) or family == "qwen2"
+
+    return DecoderSpec(
+        family=family,
+        vocab_size=cfg.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=cfg.intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=_get(cfg, "num_key_value_heads", num_heads),
+        head_dim=head_dim,
+        rotary_dim=int(head_dim * partial),
+        norm=norm,
+        norm_eps=float(eps),
+        act=act,
+        qkv_bias=qkv_bias,
+        o_bias=bool(_get(cfg, "attention_bias", False)) and family not in ("qwen2", "stablelm"),
+        mlp_bias=bool(_get(cfg, "mlp_bias", False)),
+        tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
+        embed_scale=hidden**0.5 if gemma else None,
+        attn_scale=(scalar if scalar else head_dim) ** -0.5,
+        attn_softcap=_get(cfg, "attn_logit_softcapping", None) if gemma else None,
+        final_softcap=_get(cfg, "final_logit_softcapping", None) if gemma else None,
+        sliding_window=window,
+        layer_is_local=is_local,
+        layer_rope=layer_rope,
+        sandwich_norms=gemma,
+        qk_norm=family == "gemma3",
+        parallel_residual=family == "stablelm" and bool(_get(cfg, "use_parallel_residual", False)),
+        max_position=int(_get(cfg, "max_position_embeddings", 2048)),
+    )

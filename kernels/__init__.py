@@ -1,0 +1,1 @@
+"""The Triton performance core. Each file holds one kernel family with its torch reference."""

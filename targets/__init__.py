@@ -1,0 +1,1 @@
+"""Export targets. Each module implements the Target interface; registry.py lists them."""

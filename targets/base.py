@@ -1,0 +1,93 @@
+"""The Target interface. A target is one module here plus one line in registry.py.
+
+    export(model, scheme, out, ctx) -> dict   write the artifact files into `out` (a temporary
+                                              folder that artifact.atomic_folder renames later);
+                                              return target-specific manifest fields
+    load(folder, manifest) -> Runner          open the artifact in the ecosystem's own runtime
+
+`model` is the reference Decoder, float or already quantized by edgeslm (int4/int8 modules from
+qformat.py): a target maps those packed tensors and never re-quantizes from float. Export traces
+the torch reference path (ops.reference_only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class ExportContext:
+    """What every export needs besides the model."""
+
+    model_name: str  # as given by the user, for the manifest
+    reference: str  # folder of the (quantized) reference checkpoint that verify compares against
+    context_length: int = 512  # static KV cache length
+    prefill_chunk: int = 64  # tokens per prefill call for targets with static shapes
+    tokenizer: object = None
+    options: dict = field(default_factory=dict)  # target-specific flags from the CLI
+
+
+class Runner:
+    """An artifact loaded in its runtime. Targets implement prefill/decode; the rest is shared."""
+
+    runtime: str = ""  # e.g. "onnxruntime 1.32.0", shown by verify and check
+
+    def reset(self):
+        """Empties the KV cache."""
+        raise NotImplementedError
+
+    def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """tokens [1, T] at positions start.. -> logits [1, T, V] (fp32), updating the cache."""
+        raise NotImplementedError
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        """One token at `pos` -> logits [V] (fp32)."""
+        raise NotImplementedError
+
+    def generate_greedy(self, prompt: torch.Tensor, steps: int):
+        """prompt [1, T0] -> (tokens [steps], logits [steps, V]) with prefill then decode."""
+        self.reset()
+        last = self.prefill(prompt, 0)[0, -1]
+        tokens, logits = [], []
+        for step in range(steps):
+            nxt = int(last.argmax())
+            tokens.append(nxt)
+            logits.append(last)
+            if step + 1 < steps:
+                last = self.decode(nxt, prompt.shape[1] + step)
+        return torch.tensor(tokens), torch.stack(logits)
+
+    def score(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [1, T] -> logits [1, T, V], from an empty cache (perplexity windows)."""
+        self.reset()
+        return self.prefill(ids, 0)
+
+    def close(self):
+        pass
+
+
+class Target:
+    name: str = ""
+    description: str = ""
+    artifact_suffix: str = ""  # e.g. "model.onnx": the main file, for listings
+
+    def unavailable_reason(self) -> str | None:
+        """None when this machine can export and run the target, else why not (names the fix)."""
+        return None
+
+    def unsupported_reason(self, model, scheme) -> str | None:
+        """None when the target can express this model and scheme, else a one-line reason."""
+        return None
+
+    def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
+        raise NotImplementedError
+
+    def load(self, folder: Path, manifest: dict) -> Runner:
+        raise NotImplementedError
+
+    def inspect(self, folder: Path, manifest: dict) -> dict:
+        """Target-specific facts for verify (ops, shaders, dtypes...)."""
+        return {}
