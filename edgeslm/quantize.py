@@ -35,3 +35,46 @@ def _fill(module, w, scheme):
 
 
 
+
+
+def reference_folder(model_name, scheme, calibration_source: str = "brown:train", progress: bool = True):
+    """The folder every target exports from and verify compares against, for (model, scheme).
+
+    A float scheme uses the model folder itself. A quantized scheme is computed once into
+    <cache>/quantized/<model>-<digest>-<scheme>/ (quantize once: every target reads these tensors).
+    A folder that already is a quantized checkpoint is used as it is.
+    """
+    import hashlib
+    import json
+
+    from .artifact import atomic_folder
+    from .loading import cache_dir, load_model, resolve_model_path
+    from .qformat import is_quantized_folder, save_quantized
+
+    folder = resolve_model_path(model_name)
+    if is_quantized_folder(folder):
+        have = json.loads((folder / "quant.json").read_text())["scheme"]
+        if scheme.name != have:
+            raise EdgeSLMError(f"{folder} is already quantized as {have}; it cannot be exported as {scheme.name}")
+        return folder
+    if not scheme.quantized:
+        return folder
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(calibration_source.encode())
+    target = cache_dir() / "quantized" / f"{folder.name}-{h.hexdigest()[:12]}-{scheme.name}"
+    if (target / "quant.json").is_file():
+        return target
+    model, tok, _ = load_model(folder)
+    calibration = None
+    if scheme.needs_calibration:
+        from .data import load_eval_text
+        from .evaluate import eval_tokens
+
+        calibration = eval_tokens(tok, load_eval_text(calibration_source), 128 * 512).view(128, 512)
+    quantize_model(model, scheme, calibration, progress=progress)
+    with atomic_folder(target, force=True) as tmp:
+        save_quantized(model, scheme, tmp, tok, extra={"source": str(folder), "calibration": calibration_source})
+    return target
