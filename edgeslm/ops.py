@@ -9,11 +9,14 @@ to those kernels. Every target therefore traces the same function the tests chec
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
 
 _force_reference = os.environ.get("EDGESLM_REFERENCE_ONLY") == "1"
+# Tests run the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (see kernels_on_cpu).
+_kernels_on_cpu = os.environ.get("EDGESLM_KERNELS_ON_CPU") == "1"
 
 
 @contextlib.contextmanager
@@ -27,8 +30,29 @@ def reference_only():
         _force_reference = saved
 
 
+@contextlib.contextmanager
+def kernels_on_cpu():
+    """Within this block CPU tensors take the Triton kernels too. Only meaningful with
+    TRITON_INTERPRET=1 set before Triton is imported (the kernel tests do this)."""
+    global _kernels_on_cpu
+    saved, _kernels_on_cpu = _kernels_on_cpu, True
+    try:
+        yield
+    finally:
+        _kernels_on_cpu = saved
+
+
+@functools.cache
+def _triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def _use_kernels(x: torch.Tensor) -> bool:
-    return x.is_cuda and not _force_reference and not torch.compiler.is_compiling()
+    if _force_reference or torch.compiler.is_compiling():
+        return False
+    return (x.is_cuda or (_kernels_on_cpu and x.device.type == "cpu")) and _triton_available()
 
 
 def attention(q, k, v, q_pos, k_pos, *, scale: float, softcap: float | None = None, window: int | None = None):
@@ -39,7 +63,9 @@ def attention(q, k, v, q_pos, k_pos, *, scale: float, softcap: float | None = No
     q_pos[t] - k_pos[s] < window. Positions (not slot order) carry the mask, which is what lets a
     sliding-window layer keep a ring buffer.
     """
-    if _use_kernels(q):
+    # The attention kernel has no backward: training through attention (LoRA) takes the reference.
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if _use_kernels(q) and not needs_grad:
         from .kernels import softcap_attention
 
         return softcap_attention.attention(q, k, v, q_pos, k_pos, scale=scale, softcap=softcap, window=window)

@@ -8,8 +8,9 @@ Semantics (shared by the Triton kernels and `attention_reference`):
   scores = scale * q.k, then cap * tanh(scores / cap) when a soft-cap is given, then the mask,
   then softmax in fp32.
 
-The Triton kernels are added by the kernels issue; this file already holds the reference that the
-decoder and every export target trace.
+`attention_reference` is what the decoder runs off CUDA and what every export target traces.
+`attention` is the Triton implementation (one kernel for prefill and decode, plus a split-KV merge
+kernel), reached through edgeslm.ops on CUDA; tests run it under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -36,3 +37,273 @@ def attention_reference(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=No
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)
     return out.reshape(b, hq, t, d)
+
+
+# ---------------------------------------------------------------------------------------- Triton
+# Hand-written: no maintained library covers soft-cap + position-carried (ring buffer) masks +
+# GQA + split-KV decode together (FlexAttention comes closest; benchmarks/kernels.py compares).
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the reference above still works without Triton (macOS, export-only installs)
+    triton = None
+
+_LOG2E = 1.4426950408889634
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        # tl.math.tanh is missing under the interpreter; this form is exact to fp32 rounding for
+        # the |x| that a soft-cap sees, and saturates cleanly to +-1.
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _dot(a, b, DOT_MODE: tl.constexpr):
+        # DOT_MODE 0: native (fp16/bf16 tensor cores); 1: fp32 without tf32; 2: upcast to fp32 first,
+        # because Triton 3.9's interpreter computes garbage for a bf16 tl.dot (seen here).
+        if DOT_MODE == 0:
+            return tl.dot(a, b)
+        elif DOT_MODE == 1:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q, K, V, QPOS, KPOS, OUT, LSE, STATS,
+        sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod,
+        T, S, HQ, HKV, blocks_per_split,
+        qk_scale, softcap, window,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+        COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
+    ):
+        """One program: BLOCK_M query rows of one kv head (rows are (t, g) pairs, t-major, so the
+        GQA group shares every K/V tile and a block's positions stay a contiguous run), over the
+        KV blocks [split * blocks_per_split, ...) of that head."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < T * GROUP
+        t = rows // GROUP
+        h = hk * GROUP + rows % GROUP
+        d = tl.arange(0, HEAD_DIM)
+        d_ok = d < D
+
+        q = tl.load(Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        qp = tl.load(QPOS + t, mask=row_ok, other=-1).to(tl.int32)
+        q_max = tl.max(tl.where(row_ok, qp, -1), axis=0)
+        q_min = tl.min(tl.where(row_ok, qp, 2147483647), axis=0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        computed = 0
+
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        first = pid_s * blocks_per_split
+        last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK_N))
+        for blk in range(first, last):
+            cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < S
+            kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
+            k_ok = kp >= 0
+            k_max = tl.max(tl.where(k_ok, kp, -1), axis=0)
+            k_min = tl.min(tl.where(k_ok, kp, 2147483647), axis=0)
+            # Skip the block when the mask removes it whole (empty slots, all keys after every
+            # query, or all keys out of every query's window), decided from the loaded positions
+            # so it holds for ring buffers too. K and V are never loaded for a skipped block.
+            live = (k_max >= 0) & (k_min <= q_max)
+            if HAS_WINDOW:
+                live = live & (q_min - k_max < window)
+            if live:
+                if COUNT_BLOCKS:
+                    computed += 1
+                k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd,
+                            mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+                s = _dot(q, k, DOT_MODE)
+                if HAS_SOFTCAP:
+                    s = softcap * _tanh(s * (qk_scale / softcap))
+                    s = s * 1.4426950408889634  # softmax in base 2
+                else:
+                    s = s * (qk_scale * 1.4426950408889634)
+                allowed = k_ok[None, :] & (kp[None, :] <= qp[:, None])
+                if HAS_WINDOW:
+                    allowed = allowed & (qp[:, None] - kp[None, :] < window)
+                s = tl.where(allowed, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+                p = tl.exp2(s - m_safe[:, None])
+                alpha = tl.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                v = tl.load(v_base + cols[:, None] * svs + d[None, :] * svd,
+                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+                pv = _dot(p.to(v.dtype), v, DOT_MODE)
+                acc = acc * alpha[:, None] + pv
+                m_i = m_new
+
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        if SPLIT:
+            # partial result of this split: normalized output and its log2-sum-exp, fp32
+            part = pid_s * (tl.num_programs(1) // HKV) * HQ * T
+            prow = part + (b * HQ + h) * T + t
+            tl.store(OUT + prow[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            tl.store(LSE + prow, lse, mask=row_ok)
+        else:
+            tl.store(OUT + b * sob + h[:, None] * soh + t[:, None] * sot + d[None, :] * sod,
+                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        if COUNT_BLOCKS:
+            n_m = tl.num_programs(0)
+            tl.store(STATS + (pid_s * tl.num_programs(1) + pid_bh) * n_m + pid_m, computed)
+
+    @triton.jit
+    def _attn_combine_kernel(
+        PART, LSE, OUT, rows_total, sob, soh, sot, sod, HQ, T,
+        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+    ):
+        """Merges the split-KV partials of one query row: weights exp2(lse_i - max lse)."""
+        row = tl.program_id(0)
+        sp = tl.arange(0, SPLITS_P2)
+        sp_ok = sp < SPLITS
+        d = tl.arange(0, HEAD_DIM)
+        lse = tl.load(LSE + sp * rows_total + row, mask=sp_ok, other=float("-inf"))
+        top = tl.max(lse, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp2(lse - top)
+        part = tl.load(PART + (sp[:, None] * rows_total + row) * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
+        total = tl.sum(w, axis=0)
+        out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+        b = row // (HQ * T)
+        h = (row // T) % HQ
+        t = row % T
+        tl.store(OUT + b * sob + h * soh + t * sot + d * sod, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def dot_mode(dtype) -> int:
+    """The _dot variant for an input dtype (see _dot)."""
+    if dtype == torch.float32:
+        return 1
+    if dtype == torch.bfloat16 and _interpreting():
+        return 2
+    return 0
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
+              block_m=None, block_n=None, num_splits=None, num_warps=None, num_stages=None,
+              block_stats: list | None = None, out=None):
+    """The Triton kernels, same semantics as `attention_reference` (returns q.dtype).
+
+    T == 1 (decode) splits the KV sequence across programs when batch x kv heads is too small to
+    fill the GPU, then merges the partials. block_m/block_n/num_splits override the heuristics (the
+    tests use them to get few, large blocks under the interpreter, and to force splits).
+    block_stats, when a list, receives a tensor with the number of KV blocks each program computed
+    (the tests check that masked-out blocks are skipped).
+    A query row that sees no key at all returns zeros (the reference returns NaN there).
+    out: an optional [B, Hq, T, D] tensor of q's dtype to write into (tests poison it first).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed; use attention_reference")
+    b, hq, t, d = q.shape
+    bk, hkv, s, dk = k.shape
+    if v.shape != k.shape or bk != b or dk != d or hq % hkv:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if q_pos.shape != (t,) or k_pos.shape != (s,):
+        raise ValueError(f"attention: q_pos {tuple(q_pos.shape)} / k_pos {tuple(k_pos.shape)} must be [T] / [S]")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    group = hq // hkv
+    head_dim = max(16, _next_pow2(d))
+    rows = t * group
+    if out is None:
+        out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
+    elif out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"attention: out {tuple(out.shape)} {out.dtype} must match q")
+    if b * hq * t == 0:
+        return out
+    interp = _interpreting()
+    decode = rows <= 16
+    if block_m is None:
+        if interp:
+            block_m = min(128, max(16, _next_pow2(rows)))
+        elif decode:
+            block_m = 16
+        else:
+            block_m = 128 if head_dim <= 64 else 64
+    if block_n is None:
+        if interp:
+            block_n = min(128, max(16, _next_pow2(s)))
+        else:
+            block_n = 64 if head_dim <= 128 else 32
+    n_m = triton.cdiv(rows, block_m)
+    n_blocks = triton.cdiv(s, block_n)
+    if num_splits is None:
+        num_splits = 1
+        if decode and not interp:
+            # enough programs for ~2 waves; each split keeps at least 4 KV blocks
+            want = triton.cdiv(2 * _sm_count(q.device), b * hkv * n_m)
+            num_splits = max(1, min(want, n_blocks // 4))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    per_split = triton.cdiv(n_blocks, num_splits)
+    num_splits = triton.cdiv(n_blocks, per_split)
+    if num_warps is None:
+        num_warps = 4 if (decode or head_dim <= 64) else 8
+    if num_stages is None:
+        num_stages = 2 if head_dim >= 256 else 3
+    split = num_splits > 1
+    q_pos = q_pos.to(device=q.device).contiguous()
+    k_pos = k_pos.to(device=q.device).contiguous()
+    if split:
+        part = torch.empty(num_splits, b * hq * t, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_splits, b * hq * t, dtype=torch.float32, device=q.device)
+        dest = part
+    else:
+        lse = dest = out
+    grid = (n_m, b * hkv, num_splits)
+    stats = torch.zeros(grid[0] * grid[1] * grid[2], dtype=torch.int32, device=q.device) if block_stats is not None else out
+    _attn_fwd_kernel[grid](
+        q, k, v, q_pos, k_pos, dest, lse, stats,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        t, s, hq, hkv, per_split,
+        float(scale), float(softcap or 1.0), int(window or 0),
+        GROUP=group, HEAD_DIM=head_dim, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, SPLIT=split,
+        COUNT_BLOCKS=block_stats is not None, DOT_MODE=dot_mode(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _attn_combine_kernel[(b * hq * t,)](
+            part, lse, out, b * hq * t, *out.stride(), hq, t,
+            SPLITS=num_splits, SPLITS_P2=max(2, _next_pow2(num_splits)), HEAD_DIM=head_dim, D=d,
+            num_warps=4 if head_dim <= 128 else 8,
+        )
+    if block_stats is not None:
+        block_stats.append(stats.view(num_splits, b * hkv, n_m))
+    return out
