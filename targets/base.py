@@ -68,6 +68,35 @@ class Runner:
     def close(self):
         pass
 
+    def measure_speed(self, prompt_len: int = 128, decode_steps: int = 64, repeats: int = 3, vocab: int | None = None) -> dict:
+        """Time to first token (prefill of `prompt_len` tokens) and decode tokens/s through this runner.
+
+        The latency checks reuse this: best of `repeats` for prefill (one warm-up first), the median
+        per-token time over `decode_steps` steps for decode. Token ids are fixed, so runs compare.
+        """
+        import statistics
+        import time
+
+        ids = (torch.arange(prompt_len) * 7919 % (vocab or 1000)).view(1, -1)
+        self.reset()
+        self.prefill(ids, 0)  # warm-up (allocations, lazy kernels)
+        ttft = []
+        for _ in range(repeats):
+            self.reset()
+            t0 = time.perf_counter()
+            last = self.prefill(ids, 0)[0, -1]
+            ttft.append(time.perf_counter() - t0)
+        per_token = []
+        token = int(last.argmax())
+        for step in range(decode_steps):
+            t0 = time.perf_counter()
+            token = int(self.decode(token, prompt_len + step).argmax())
+            per_token.append(time.perf_counter() - t0)
+        decode_s = statistics.median(per_token)
+        return {"runtime": self.runtime, "prompt_tokens": prompt_len, "ttft_s": min(ttft),
+                "prefill_tok_s": prompt_len / min(ttft), "decode_steps": decode_steps,
+                "decode_tok_s": 1.0 / decode_s, "decode_ms_per_token": 1000 * decode_s}
+
 
 class Target:
     name: str = ""
@@ -87,6 +116,18 @@ class Target:
 
     def load(self, folder: Path, manifest: dict) -> Runner:
         raise NotImplementedError
+
+    def parity_bounds(self, scheme) -> dict:
+        """What `edgeslm verify` requires of this target's artifacts for `scheme` (None: not bound).
+
+        max_abs_logit: teacher-forced logits vs the reference decoder; tokens_identical: every greedy
+        token agrees (a step whose reference top-2 margin is within 2x its measured logit error is a
+        tie, not a disagreement); ppl_rel: |ppl(artifact) / ppl(reference) - 1| on the Brown test split.
+        Targets override this where their arithmetic differs (e.g. 8-bit dynamic activations).
+        """
+        if scheme.quantized:
+            return {"max_abs_logit": None, "tokens_identical": False, "ppl_rel": 0.01}
+        return {"max_abs_logit": 1e-4, "tokens_identical": True, "ppl_rel": 0.01}
 
     def inspect(self, folder: Path, manifest: dict) -> dict:
         """Target-specific facts for verify (ops, shaders, dtypes...)."""

@@ -7,11 +7,11 @@ import importlib
 from edgeslm.errors import EdgeSLMError
 
 TARGETS = {
-    # "onnx": "edgeslm.targets.onnx",
+    "onnx": "edgeslm.targets.onnx",
     # "executorch": "edgeslm.targets.executorch",
-    # "coreml": "edgeslm.targets.coreml",
+    "coreml": "edgeslm.targets.coreml",
     # "webgpu": "edgeslm.targets.webgpu",
-    # "gguf": "edgeslm.targets.gguf",
+    "gguf": "edgeslm.targets.gguf",
 }
 
 

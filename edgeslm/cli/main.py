@@ -14,7 +14,13 @@ import sys
 VERBS = {
     "info": "edgeslm.cli.info",
     "eval": "edgeslm.cli.eval",
+    "quantize": "edgeslm.cli.quantize",
+    "finetune": "edgeslm.cli.finetune",
     "deploy": "edgeslm.cli.deploy",
+    "export": "edgeslm.cli.export",
+    "verify": "edgeslm.cli.verify",
+    "check": "edgeslm.cli.check",
+    "bench": "edgeslm.cli.bench",
 }
 
 

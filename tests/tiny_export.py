@@ -1,0 +1,30 @@
+"""Tiny model folders for the export/verify tests: a tiny_pair decoder saved as a Hugging Face folder
+with a character-level tokenizer (97 ids, the tiny vocab), so Brown perplexity runs on it too."""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+from tiny import tiny_pair
+
+
+def char_tokenizer():
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["[UNK]", "\n"] + [c for c in string.printable if 32 <= ord(c) < 127]
+    vocab = {c: i for i, c in enumerate(chars)}
+    assert len(vocab) == 97
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
+
+
+def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0) -> Path:
+    """Writes config.json + model.safetensors + tokenizer files of tiny_pair(family) into folder."""
+    hf, _ = tiny_pair(family, seed=seed)
+    folder = Path(folder)
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    char_tokenizer().save_pretrained(str(folder))
+    return folder
