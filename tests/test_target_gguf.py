@@ -1,0 +1,143 @@
+"""The GGUF target: exact re-packing of our int4/int8 tensors, and parity in llama.cpp itself.
+
+What runs where:
+  - everywhere (CI included): the GGUF is read back by the gguf package's own dequantizer and by
+    transformers' GGUF loader; both must give OUR dequantized weights bit for bit, and transformers'
+    model on those weights must reproduce the reference decoder's logits. Refusals are checked.
+  - where llama.cpp is installed (benchmarks/setup_peers.sh builds it from source; CI does not,
+    since compiling it costs minutes on 2 cores): llama.cpp runs the exported GGUF and its logits
+    and greedy tokens are compared with the PyTorch reference, on tiny models of each supported
+    family and on SmolLM2-135M (Q4_0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgeslm.errors import EdgeSLMError
+from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from edgeslm.quantize import quantize_model
+from edgeslm.schemes import get_scheme
+from edgeslm.targets.base import ExportContext
+from edgeslm.targets.gguf import TARGET, llama_cpp_python, rope_interleave_rows
+from tiny import tiny_pair
+
+HAVE_LLAMA_CPP = llama_cpp_python() is not None
+needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama.cpp not installed (bash benchmarks/setup_peers.sh)")
+
+
+def tiny_export(tmp_path, family, scheme_name, seed=0):
+    _, model = tiny_pair(family, seed=seed, hidden_size=64, intermediate_size=128)
+    scheme = get_scheme(scheme_name)
+    quantize_model(model, scheme)
+    assert TARGET.unsupported_reason(model, scheme) is None
+    fields = TARGET.export(model, scheme, tmp_path, ExportContext(model_name="tiny", reference="", context_length=128))
+    return model, scheme, fields
+
+
+def reference_weights(model) -> dict[str, torch.Tensor]:
+    """Our dequantized (or float) weights under GGUF names, with llama's q/k rows interleaved."""
+    spec = model.spec
+    out = {"token_embd.weight": _weight(model.embed_tokens), "output_norm.weight": model.norm.weight.detach()}
+    if model.lm_head is not None:
+        out["output.weight"] = _weight(model.lm_head)
+    q_rows = rope_interleave_rows(spec.num_heads)(spec.num_heads * spec.head_dim)
+    k_rows = rope_interleave_rows(spec.num_kv_heads)(spec.num_kv_heads * spec.head_dim)
+    llama = spec.family == "llama"
+    for i, layer in enumerate(model.layers):
+        a = layer.self_attn
+        out[f"blk.{i}.attn_q.weight"] = _weight(a.q_proj)[q_rows] if llama else _weight(a.q_proj)
+        out[f"blk.{i}.attn_k.weight"] = _weight(a.k_proj)[k_rows] if llama else _weight(a.k_proj)
+        out[f"blk.{i}.attn_v.weight"] = _weight(a.v_proj)
+        out[f"blk.{i}.ffn_down.weight"] = _weight(layer.mlp.down_proj)
+        out[f"blk.{i}.ffn_norm.weight"] = layer.mlp_norm.weight.detach()
+        if spec.qkv_bias:
+            out[f"blk.{i}.attn_q.bias"] = a.q_proj.bias.detach()[q_rows] if llama else a.q_proj.bias.detach()
+    return out
+
+
+def _weight(m):
+    if isinstance(m, (Int4Linear, Int4Embedding, Int8Linear, Int8Embedding)):
+        return m.dequantized()
+    return m.weight.detach()
+
+
+@pytest.mark.parametrize("family,scheme_name,qtype", [
+    ("llama", "q4g32-rtn", "Q4_0"), ("qwen2", "q4g64-rtn", "Q4_0"), ("llama3", "q8c", "Q8_0"), ("llama", "f32", "F32"),
+])
+def test_gguf_holds_our_weights_exactly(tmp_path, family, scheme_name, qtype):
+    import gguf
+
+    model, _, fields = tiny_export(tmp_path, family, scheme_name)
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    want = reference_weights(model)
+    for name, w in want.items():
+        t = tensors[name]
+        if w.dim() == 2:
+            assert t.tensor_type.name == qtype, name
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        assert np.array_equal(got.astype(np.float32), w.float().numpy()), name
+    assert fields["ggml_types"][qtype] >= 7 * 4  # every projection of every layer
+    assert reader.fields["general.architecture"].contents() == ("qwen2" if family == "qwen2" else "llama")
+
+
+@pytest.mark.parametrize("family,scheme_name", [("llama", "q4g32-rtn"), ("qwen2", "f32")])
+def test_transformers_reads_it_back_as_the_reference(tmp_path, family, scheme_name):
+    """transformers' GGUF loader (which undoes llama's q/k interleave) gives back our function."""
+    from transformers import AutoModelForCausalLM
+
+    model, _, _ = tiny_export(tmp_path, family, scheme_name)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = torch.randint(0, model.spec.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (back(ids).logits - model(ids)[0]).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_refusals(tmp_path):
+    _, gemma = tiny_pair("gemma2")
+    assert "llama and qwen2" in TARGET.unsupported_reason(gemma, get_scheme("f32"))
+    _, llama = tiny_pair("llama", hidden_size=64, intermediate_size=128)
+    reason = TARGET.unsupported_reason(llama, get_scheme("q4g32a-rtn"))
+    assert "asymmetric" in reason and "q4g32" in reason
+    with pytest.raises(EdgeSLMError, match="llama and qwen2"):
+        TARGET.export(gemma, get_scheme("f32"), tmp_path, ExportContext(model_name="t", reference=""))
+    assert not (tmp_path / "model.gguf").exists()
+
+
+def run_llama_cpp(tmp_path, model, scheme, steps=24):
+    from edgeslm.model import generate_greedy
+
+    runner = TARGET.load(tmp_path, {"context_length": 128, "scheme": scheme.name})
+    try:
+        prompt = (torch.arange(1, 17) * 31 % model.spec.vocab_size).view(1, -1)
+        ref_tokens, ref_logits = generate_greedy(model, prompt, steps, max_len=128)
+        tokens, logits = runner.generate_greedy(prompt, steps)
+        full = runner.score(torch.cat((prompt, ref_tokens), 1))[0, prompt.shape[1] - 1 : -1]
+    finally:
+        runner.close()
+    return ref_tokens[0], ref_logits[0], tokens, logits, full
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["llama", "llama3", "qwen2"])
+def test_llama_cpp_f32_matches_reference(tmp_path, family):
+    model, scheme, _ = tiny_export(tmp_path, family, "f32")
+    ref_tokens, ref_logits, tokens, logits, full = run_llama_cpp(tmp_path, model, scheme)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() < 1e-3
+    assert (full - ref_logits).abs().max() < 1e-3  # one prefill of prompt + tokens: the same logits
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("family,scheme_name", [("llama", "q4g32-rtn"), ("qwen2", "q4g32-rtn"), ("llama3", "q8c")])
+def test_llama_cpp_quantized_matches_reference(tmp_path, family, scheme_name):
+    # llama.cpp multiplies Q4_0/Q8_0 weights with activations rounded to 8 bits (Q8_0/Q8_K), so the
+    # logits differ a little; the greedy tokens of this horizon must not.
+    model, scheme, _ = tiny_export(tmp_path, family, scheme_name)
+    ref_tokens, ref_logits, tokens, logits, _ = run_llama_cpp(tmp_path, model, scheme)
+    assert torch.equal(tokens, ref_tokens)
+    assert (logits - ref_logits).abs().max() < 0.1
