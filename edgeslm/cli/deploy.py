@@ -1,46 +1,53 @@
-"""edgeslm deploy: the main job. Until every step exists it runs what exists and says what is missing."""
+"""edgeslm deploy: the main job, from a recipe (or the defaults) to report.html."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..data import load_eval_text
-from ..evaluate import decoder_logits_fn, eval_tokens, perplexity
-from ..loading import load_model
-from ..targets.registry import TARGETS
-from .common import add_json_argument, emit
-from .info import describe
+from .common import add_json_argument, emit, table
 
-HELP = "the main job: model -> (fine-tune) -> quantize -> export -> verify -> check -> report"
+HELP = ("the main job: model -> (fine-tune) -> quantize once -> export every target -> verify -> "
+        "latency checks per device -> report.json + report.html")
 
 
 def add_arguments(p):
-    p.add_argument("recipe", nargs="?", help="a recipe TOML (default: the embedded SmolLM2-135M, every target)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("recipe", nargs="?", help="a recipe TOML (see edgeslm/pipeline.py); default: the embedded "
+                   "SmolLM2-135M, scheme q4g32-gptq, every target this machine can build, devices host, pixel-8, "
+                   "iphone-15-pro")
+    p.add_argument("--out", required=True, help="output folder (reused: finished steps are cached)")
+    p.add_argument("--scheme", help="override the recipe's scheme")
+    p.add_argument("--target", action="append", dest="targets", metavar="NAME", help="override the recipe's targets")
+    p.add_argument("--device", action="append", dest="devices", metavar="NAME", help="override the recipe's devices")
     add_json_argument(p)
 
 
 def run(args) -> int:
-    model, tok, folder = load_model(None)
-    tokens = eval_tokens(tok, load_eval_text("brown:test"))
-    result = {
-        "model": str(folder),
-        "info": describe(model),
-        "reference_perplexity": perplexity(decoder_logits_fn(model), tokens),
-        "targets": sorted(TARGETS),
-        "not_yet": ["quantize", "export", "verify", "check", "report"] if not TARGETS else [],
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(result, indent=2))
+    from ..errors import CheckFailed
+    from ..pipeline import read_recipe, run_deploy
 
-    def render(r):
-        print(f"model: {r['model']} ({r['info']['parameters'] / 1e6:.1f}M parameters)")
-        print(f"Brown test perplexity (reference decoder): {r['reference_perplexity']['perplexity']:.3f}")
-        if r["not_yet"]:
-            print("not there yet: " + ", ".join(r["not_yet"]))
-        print(f"wrote {out / 'report.json'}")
-
-    emit(result, args.json, render)
+    recipe = read_recipe(args.recipe)
+    for key in ("scheme", "targets", "devices"):
+        if getattr(args, key):
+            setattr(recipe, key, getattr(args, key))
+    log = (lambda *a: None) if args.json else print
+    report = run_deploy(recipe, Path(args.out), progress=not args.json, log=log)
+    emit(report, args.json, lambda r: render(r, Path(args.out)))
+    if not report["ok"]:
+        raise CheckFailed(f"deploy finished with failures; see {Path(args.out) / 'report.html'}")
     return 0
+
+
+def render(r: dict, out: Path):
+    rows = []
+    for t in r["targets"]:
+        p = t.get("parity") or {}
+        status = "skipped" if t.get("ok") is None else ("pass" if t["ok"] else "FAIL")
+        ppl = f"{p['ppl_artifact']:.3f}" if p.get("ppl_artifact") else "-"
+        size = f"{t['bytes'] / 2**20:.1f} MiB" if t.get("bytes") else "-"
+        rows.append([t["target"], status, size, ppl, t.get("reason", "")[:80]])
+    print(table(rows, ["target", "verify", "size", "perplexity", "note"]))
+    failed = [c for c in r["checks"] if not c["ok"]]
+    print(f"\n{len(r['checks'])} budget checks, {len(failed)} failed")
+    for name, why in r["not_available"].items():
+        print(f"not built here: {name}: {why}")
+    print(f"\nwrote {out / 'report.json'} and {out / 'report.html'} in {r['timings']['total_s']:.0f} s")
