@@ -1,43 +1,408 @@
-"""Quantize once: a float Decoder -> the packed format of qformat.py, by RTN (GPTQ and AWQ: see
-the quantization issue; they produce the same codes/scales/zeros tensors)."""
+"""Quantize once: a float Decoder -> the packed format of qformat.py, by RTN, GPTQ or AWQ.
+
+Every method ends in the same tensors (int4 codes + fp16 scales [+ uint8 zeros], or int8 + scale),
+so every target reads the one format; AWQ's per-channel input scales are folded into the preceding
+norm or linear, so an AWQ checkpoint needs no extra runtime op.
+
+ - rtn:  plain round-to-nearest on the grid of qformat.int4_grid_rtn (the baseline).
+ - gptq: layer by layer over calibration activations (inputs of each layer come from the already
+         quantized layers before it), column-wise error feedback through the inverse Hessian
+         (Frantar et al. 2022), columns in descending Hessian-diagonal order ("act order") with
+         per-group scales fixed before the sweep, chosen by an activation-weighted clip search.
+ - awq:  per input channel scales s = mean|x|^a (Lin et al. 2023), a grid-searched on the output
+         error of the linears sharing that input, folded into the norm / linear before them;
+         then the same activation-weighted clip search and round-to-nearest.
+Written here (not taken from AutoGPTQ/AutoAWQ) because those packages need CUDA builds and their
+own packed layouts; this file is the algorithm only, over our Decoder and our format.
+
+The tied embedding / lm_head table is int4 in every q4 scheme (see schemes.py for the choice and
+its measured cost): for gptq and awq its groups get the clip search weighted by the final hidden
+states (what the lm_head sees), which keeps the row lookups plain round-to-nearest codes.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
+from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
 from .qformat import fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, swap_modules
 
+DEFAULT_CALIBRATION = "brown:train"
+# 16 windows x 512 tokens (8,192 tokens): GPTQ over SmolLM2-135M's 30 layers is then about 6 CPU
+# minutes (two forward passes per layer dominate); the published GPTQ/AWQ recipes use 128 x 2048
+# on a GPU, which here would take over an hour.
+CALIBRATION_SAMPLES = 16
+CALIBRATION_LENGTH = 512
+CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
+AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
+AWQ_TOKENS = 1024  # tokens the AWQ scale search evaluates (a subsample of the calibration set)
+
+
+def calibration_tokens(tokenizer, source: str = DEFAULT_CALIBRATION, samples: int = CALIBRATION_SAMPLES,
+                       length: int = CALIBRATION_LENGTH) -> torch.Tensor:
+    """Local text ('brown:train', or a .txt / .jsonl path) -> int64 [samples, length].
+
+    A text shorter than samples*length gives fewer windows (at least one is needed)."""
+    from .data import load_eval_text
+
+    text = load_eval_text(source)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = min(samples, ids.numel() // length)
+    if n < 1:
+        raise EdgeSLMError(f"calibration text {source} has {ids.numel()} tokens; at least {length} are needed")
+    return ids[: n * length].view(n, length)
+
+
+def check_group_size(model, scheme):
+    """Refuses (before any work) a group size that does not divide some K."""
+    if scheme.bits != 4:
+        return
+    g = scheme.group_size
+    for name in linear_names(model):
+        k = model.get_submodule(name).in_features
+        if k % g:
+            raise EdgeSLMError(f"{scheme.name}: group size {g} does not divide K = {k} of {name}")
+    dim = model.embed_tokens.weight.shape[1]
+    if dim % g:
+        raise EdgeSLMError(f"{scheme.name}: group size {g} does not divide the embedding width {dim}")
+
 
 @torch.no_grad()
 def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progress: bool = True):
-    """In place: float linears and embedding -> int4/int8 modules holding the scheme's grid."""
+    """In place: float linears and embedding -> int4/int8 modules holding the scheme's grid.
+
+    calibration: int64 [samples, length] token windows, needed by gptq and awq."""
     if not scheme.quantized:
         return model.to(getattr(torch, scheme.float_dtype))
-    if scheme.method not in ("rtn",):
-        raise EdgeSLMError(f"{scheme.name}: the {scheme.method} quantizer is not available yet")
-    floats = {name: model.get_submodule(name).weight.detach().float().clone() for name in linear_names(model)}
-    embedding = model.embed_tokens.weight.detach().float().clone()
+    check_group_size(model, scheme)
+    model.float()
+    if scheme.method == "rtn" or scheme.bits == 8:
+        results = {name: _rtn(model.get_submodule(name).weight, scheme) for name in linear_names(model)}
+        results["embed_tokens"] = _rtn(model.embed_tokens.weight, scheme)
+    elif scheme.method in ("gptq", "awq"):
+        if calibration is None or calibration.numel() == 0:
+            raise EdgeSLMError(f"{scheme.name} needs calibration text")
+        results = _calibrated(model, scheme, calibration, progress)
+    else:
+        raise EdgeSLMError(f"{scheme.name}: unknown quantization method {scheme.method!r}")
     swap_modules(model, scheme)
-    for name, w in floats.items():
-        _fill(model.get_submodule(name), w, scheme)
-    _fill(model.embed_tokens, embedding, scheme)
+    for name, grid in results.items():
+        _fill(model.get_submodule(name), grid, scheme)
     return model
 
 
-def _fill(module, w, scheme):
+def _rtn(w, scheme):
+    if scheme.bits == 8:
+        return int8_grid_rtn(w.detach())
+    return int4_grid_rtn(w.detach(), scheme.group_size, scheme.symmetric)
+
+
+def _fill(module, grid, scheme):
     if scheme.bits == 4:
-        fill_int4(module, *int4_grid_rtn(w, scheme.group_size, scheme.symmetric))
+        fill_int4(module, *grid)
     else:
-        q, s = int8_grid_rtn(w)
-        module.qweight.copy_(q)
-        module.scales.copy_(s)
+        module.qweight.copy_(grid[0])
+        module.scales.copy_(grid[1])
 
 
+# ---------------------------------------------------------------- int4 grids with a clip search
 
 
+def _group_params(w, group_size, symmetric, ratio):
+    """Scales (and zeros) of every group of w [N, K] with the range shrunk by `ratio`."""
+    n, k = w.shape
+    g = w.view(n, k // group_size, group_size)
+    if symmetric:
+        scale = (g.abs().amax(-1) * ratio / 7.5).clamp_min(1e-10).half().float()
+        return scale, torch.full_like(scale, 8.0)
+    lo, hi = g.amin(-1).clamp_max(0) * ratio, g.amax(-1).clamp_min(0) * ratio
+    scale = ((hi - lo) / 15).clamp_min(1e-10).half().float()
+    return scale, torch.round(-lo / scale).clamp(0, 15)
 
-def reference_folder(model_name, scheme, calibration_source: str = "brown:train", progress: bool = True):
+
+def _quant_dequant(w, scale, zero, group_size):
+    n, k = w.shape
+    g = w.view(n, k // group_size, group_size)
+    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15)
+    return q.view(n, k), ((q - zero[..., None]) * scale[..., None]).view(n, k)
+
+
+def clip_search(w, group_size, symmetric, hessian=None):
+    """Per group, the range shrink (of CLIP_RATIOS) that minimises the quantization error
+    d^T H_g d, with H_g the group's diagonal block of the input Hessian (plain squared error
+    when hessian is None). Returns (scale, zero) float [N, K/G]."""
+    n, k = w.shape
+    ng = k // group_size
+    w = w.float()
+    blocks = None
+    if hessian is not None:
+        idx = torch.arange(k).view(ng, group_size)
+        blocks = hessian[idx[:, :, None], idx[:, None, :]]  # [ng, G, G]
+    best_err = torch.full((n, ng), math.inf)
+    best_scale = best_zero = None
+    for ratio in CLIP_RATIOS:
+        scale, zero = _group_params(w, group_size, symmetric, ratio)
+        _, deq = _quant_dequant(w, scale, zero, group_size)
+        d = (w - deq).view(n, ng, group_size)
+        err = d.pow(2).sum(-1) if blocks is None else torch.einsum("ngi,gij,ngj->ng", d, blocks, d)
+        better = err < best_err
+        if best_scale is None:
+            best_scale, best_zero = scale.clone(), zero.clone()
+        best_scale[better], best_zero[better] = scale[better], zero[better]
+        best_err = torch.minimum(best_err, err)
+    return best_scale, best_zero
+
+
+def _to_format(codes, scale, zero, symmetric):
+    return (codes.to(torch.uint8), scale.half(), None if symmetric else zero.to(torch.uint8))
+
+
+def clipped_rtn(w, group_size, symmetric, hessian=None):
+    scale, zero = clip_search(w, group_size, symmetric, hessian)
+    codes, _ = _quant_dequant(w.float(), scale, zero, group_size)
+    return _to_format(codes, scale, zero, symmetric)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+def gptq(w, hessian, group_size, symmetric, block: int = 128, damp: float = 0.01):
+    """GPTQ of one linear w [N, K] with input Hessian [K, K] -> (codes, scales, zeros) in our grid.
+
+    Act order with static groups: the group scales are fixed first (clip search on the original
+    weights), then columns are quantized in descending Hessian-diagonal order, each one's error
+    spread over the columns not yet quantized."""
+    w = w.float().clone()
+    n, k = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    scale, zero = clip_search(w, group_size, symmetric, hessian.float())
+    col_group = torch.arange(k) // group_size
+    perm = torch.argsort(torch.diag(h), descending=True)
+    w, h = w[:, perm], h[perm][:, perm]
+    col_scale, col_zero = scale[:, col_group[perm]], zero[:, col_group[perm]]  # [N, K] in sweep order
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    except torch.linalg.LinAlgError:  # degenerate Hessian (e.g. too little calibration): RTN is the honest fallback
+        codes, _ = _quant_dequant(w[:, torch.argsort(perm)], scale, zero, group_size)
+        return _to_format(codes, scale, zero, symmetric)
+    codes = torch.zeros(n, k)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col, s, z = w1[:, i], col_scale[:, i1 + i], col_zero[:, i1 + i]
+            q = torch.round(col / s + z).clamp(0, 15)
+            codes[:, i1 + i] = q
+            e = (col - (q - z) * s) / hinv1[i, i]
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]
+    return _to_format(codes, scale, zero, symmetric)
+
+
+# ---------------------------------------------------------------- AWQ scaling
+
+
+def _fold_into_norm(norm, s):
+    """norm output / s, exactly (the linears after it take the * s)."""
+    if norm.kind == "rms_gemma":
+        norm.weight.copy_((1.0 + norm.weight.float()) / s - 1.0)
+    else:
+        norm.weight.div_(s)
+        if norm.bias is not None:
+            norm.bias.div_(s)
+
+
+def _fold_into_linear(linear, s):
+    linear.weight.div_(s[:, None])
+    if linear.bias is not None:
+        linear.bias.div_(s)
+
+
+def awq_scales(x, weights, group_size, symmetric):
+    """x [T, K] inputs shared by `weights` (list of [N_i, K]) -> the best per-channel scale s [K]."""
+    w = torch.cat(weights, 0).float()
+    ref = x @ w.T
+    x_mean = x.abs().mean(0).clamp_min(1e-6)
+    best, best_s = math.inf, torch.ones_like(x_mean)
+    for i in range(AWQ_GRID):
+        s = x_mean.pow(i / AWQ_GRID)
+        s = s / (s.max() * s.min()).sqrt()
+        scale, zero = _group_params(w * s, group_size, symmetric, 1.0)
+        _, deq = _quant_dequant(w * s, scale, zero, group_size)
+        err = (x @ (deq / s).T - ref).pow(2).mean().item()
+        if err < best:
+            best, best_s = err, s
+    return best_s
+
+
+# ---------------------------------------------------------------- the calibrated pass over the layers
+
+
+def _layer_groups(layer):
+    """(what feeds them, [linear names in the layer]) for each set of linears sharing one input."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if layer.spec.parallel_residual:
+        groups = [(layer.attn_norm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                     "mlp.gate_proj", "mlp.up_proj"])]
+    else:
+        groups = [(layer.attn_norm, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                  (layer.mlp_norm, ["mlp.gate_proj", "mlp.up_proj"])]
+    # v -> o folds only when every o input channel maps to one v channel (no GQA head sharing)
+    groups.append((attn.v_proj if attn.v_proj.out_features == attn.o_proj.in_features else None, ["self_attn.o_proj"]))
+    groups.append((mlp.up_proj, ["mlp.down_proj"]))
+    return groups
+
+
+class _Capture:
+    """Forward pre-hooks that keep the inputs of some linears (as [T, K] fp32 rows)."""
+
+    def __init__(self, modules: dict):
+        self.inputs = {name: [] for name in modules}
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def hook(module, args):
+            self.inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {name: torch.cat(xs) for name, xs in self.inputs.items()}
+
+
+def _run_layer(model, layer, hidden, batch: int = 4):
+    """Every calibration window through one Block (no cache: plain causal attention)."""
+    t = hidden.shape[1]
+    q_pos = torch.arange(t)
+    out = []
+    for i in range(0, hidden.shape[0], batch):
+        h = hidden[i : i + batch]
+        ropes = {key: model.rope(key, q_pos, h.dtype) for key in model.rope_scaling}
+        cos, sin = ropes[model.spec.layer_rope[layer.layer_index]]
+        out.append(layer(h, cos, sin, q_pos, torch.tensor(0), None, None, False)[0])
+    return torch.cat(out)
+
+
+def _hessian(x):
+    return (x.T @ x) * (2.0 / x.shape[0])
+
+
+def _calibrated(model, scheme, calibration, progress):
+    """Layer by layer: capture inputs, (AWQ) scale, quantize, feed the quantized outputs on."""
+    g, sym = scheme.group_size, scheme.symmetric
+    results = {}
+    hidden = model.embed_tokens(calibration)
+    if model.spec.embed_scale is not None:
+        hidden = hidden * torch.tensor(model.spec.embed_scale, dtype=hidden.dtype)
+    gen = torch.Generator().manual_seed(0)
+    bar = tqdm(list(enumerate(model.layers)), desc=f"{scheme.method} layers", unit="layer", disable=not progress)
+    for index, layer in bar:
+        layer.layer_index = index
+        names = [n for _, ns in _layer_groups(layer) for n in ns]
+        cap = _Capture({n: layer.get_submodule(n) for n in names})
+        _run_layer(model, layer, hidden)
+        inputs = cap.take()
+        groups = _layer_groups(layer)
+        xs = {}
+        for feeder, group in groups:  # AWQ: every fold first, so no fold touches a quantized weight
+            x = inputs[group[0]]
+            if scheme.method == "awq" and feeder is not None:
+                sub = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_TOKENS]]
+                s = awq_scales(sub, [layer.get_submodule(n).weight for n in group], g, sym)
+                if hasattr(feeder, "kind"):  # a Norm
+                    _fold_into_norm(feeder, s)
+                else:
+                    _fold_into_linear(feeder, s)
+                for n in group:
+                    layer.get_submodule(n).weight.mul_(s[None, :])
+                x = x / s  # what these linears now see
+            xs[group[0]] = x
+        for feeder, group in groups:
+            h = _hessian(xs[group[0]])
+            for n in group:
+                lin = layer.get_submodule(n)
+                if scheme.method == "gptq":
+                    grid = gptq(lin.weight, h, g, sym)
+                else:
+                    grid = clipped_rtn(lin.weight, g, sym, h)
+                results[f"layers.{index}.{n}"] = grid
+                # the layer must now compute with its quantized weights (sequential quantization)
+                lin.weight.copy_(_dequant_grid(grid, g, lin.weight.shape))
+        del xs
+        del inputs
+        hidden = _run_layer(model, layer, hidden)
+        del layer.layer_index
+    # the output side: final hidden states weight the tied table's clip search (or the untied lm_head's GPTQ)
+    final = model.norm(hidden).reshape(-1, hidden.shape[-1])
+    h = _hessian(final)
+    if model.lm_head is not None:
+        w = model.lm_head.weight
+        results["lm_head"] = gptq(w, h, g, sym) if scheme.method == "gptq" else clipped_rtn(w, g, sym, h)
+    results["embed_tokens"] = clipped_rtn(model.embed_tokens.weight, g, sym, h)
+    return results
+
+
+def _dequant_grid(grid, group_size, shape):
+    codes, scale, zero = grid
+    n, k = shape
+    z = torch.full_like(scale, 8.0, dtype=torch.float32) if zero is None else zero.float()
+    w = (codes.float().view(n, k // group_size, group_size) - z[..., None]) * scale.float()[..., None]
+    return w.view(n, k)
+
+
+# ---------------------------------------------------------------- the cached reference checkpoint
+
+
+def quantize_folder(model_name, scheme, out, calibration_source: str = DEFAULT_CALIBRATION,
+                    samples: int = CALIBRATION_SAMPLES, progress: bool = True, force: bool = False) -> dict:
+    """Loads a float model, quantizes it and writes the checkpoint folder atomically; returns facts."""
+    import time
+    from pathlib import Path
+
+    from .artifact import atomic_folder
+    from .loading import load_model
+    from .qformat import is_quantized_folder, save_quantized
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
+    model, tok, folder = load_model(model_name)
+    if is_quantized_folder(folder):
+        raise EdgeSLMError(f"{folder} is already a quantized checkpoint; quantize the float model")
+    check_group_size(model, scheme)
+    params = sum(p.numel() for p in model.parameters())
+    calibration = None
+    if scheme.needs_calibration:
+        calibration = calibration_tokens(tok, calibration_source, samples)
+    start = time.perf_counter()
+    quantize_model(model, scheme, calibration, progress=progress)
+    seconds = time.perf_counter() - start
+    with atomic_folder(out, force=force) as tmp:
+        save_quantized(model, scheme, tmp, tok, extra={
+            "source": str(folder),
+            "calibration": calibration_source if calibration is not None else None,
+            "calibration_tokens": int(calibration.numel()) if calibration is not None else 0,
+        })
+        weights = (tmp / "model.safetensors").stat().st_size
+    return {"model": str(folder), "scheme": scheme.name, "description": scheme.describe(), "out": str(out),
+            "weights_bytes": weights, "parameters": params, "bytes_per_param": weights / params,
+            "calibration": calibration_source if calibration is not None else None,
+            "calibration_tokens": int(calibration.numel()) if calibration is not None else 0,
+            "seconds": round(seconds, 1)}
+
+
+def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIBRATION, progress: bool = True):
     """The folder every target exports from and verify compares against, for (model, scheme).
 
     A float scheme uses the model folder itself. A quantized scheme is computed once into
@@ -70,10 +435,7 @@ def reference_folder(model_name, scheme, calibration_source: str = "brown:train"
     model, tok, _ = load_model(folder)
     calibration = None
     if scheme.needs_calibration:
-        from .data import load_eval_text
-        from .evaluate import eval_tokens
-
-        calibration = eval_tokens(tok, load_eval_text(calibration_source), 128 * 512).view(128, 512)
+        calibration = calibration_tokens(tok, calibration_source)
     quantize_model(model, scheme, calibration, progress=progress)
     with atomic_folder(target, force=True) as tmp:
         save_quantized(model, scheme, tmp, tok, extra={"source": str(folder), "calibration": calibration_source})

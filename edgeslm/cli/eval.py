@@ -26,7 +26,19 @@ def run(args) -> int:
     model, tok, folder = load_model(args.model, dtype=DTYPES[args.dtype], allow_pickle=args.allow_pickle)
     tokens = eval_tokens(tok, load_eval_text(args.data), args.tokens)
     result = perplexity(decoder_logits_fn(model), tokens, args.context)
-    result.update(model=str(folder), data=args.data, dtype=args.dtype, backend="edgeslm reference decoder")
+    result.update(model=str(folder), data=args.data, dtype=args.dtype, backend="edgeslm reference decoder",
+                  scheme=checkpoint_scheme(folder, args.dtype))
     emit(result, args.json, lambda r: print(
-        f"perplexity {r['perplexity']:.3f} over {r['tokens']} tokens of {r['data']} (context {r['context']})"))
+        f"perplexity {r['perplexity']:.3f} ({r['scheme']}) over {r['tokens']} tokens of {r['data']} (context {r['context']})"))
     return 0
+
+
+def checkpoint_scheme(folder, dtype: str) -> str:
+    """The scheme of a quantized checkpoint (from its quant.json), else the float type it ran in."""
+    import json
+
+    from ..qformat import is_quantized_folder
+
+    if is_quantized_folder(folder):
+        return json.loads((folder / "quant.json").read_text())["scheme"]
+    return {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[dtype]

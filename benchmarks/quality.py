@@ -1,0 +1,133 @@
+"""Quality table: scheme -> checkpoint bytes, bytes/param, Brown test perplexity, change vs float.
+
+    python benchmarks/quality.py [--model smollm2-135m] [--schemes f32,q8c,...] [--out benchmarks/quality]
+
+Each scheme is quantized by edgeslm.quantize (calibration: Brown train, the default) into a
+temporary checkpoint folder, loaded back through load_model (what `edgeslm eval` does) and scored
+on the same tokens as `edgeslm eval` (Brown test, 2,048 tokens, context 512). Writes
+<out>.json (all figures) and <out>.png (size against perplexity). Takes about 30 CPU minutes (GPTQ/AWQ calibration dominates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SCHEMES = ["f32", "q8c", "q4g32-rtn", "q4g32-gptq", "q4g32-awq", "q4g128-rtn", "q4g128-gptq", "q4g128-awq",
+           "q4g32a-rtn"]
+RUN_ORDER = ["f32", "q4g32-rtn", "q4g32-gptq", "q4g128-gptq", "q8c", "q4g32-awq", "q4g128-awq", "q4g128-rtn",
+             "q4g32a-rtn"]  # the goals first, so a run cut short still answers them
+# goals of the quantization issue (change of perplexity over the float model), for the table
+GOALS = {"q8c": 1.0, "q4g32-gptq": 8.0, "q4g32-awq": 8.0, "q4g128-gptq": 12.0, "q4g128-awq": 12.0}
+PEERS = [("llama.cpp Q4_0 (requantized)", 50.37), ("ORT MatMulNBits sym b32", 54.98),
+         ("optimum-executorch 8da4w g32", 59.88)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--schemes", default=",".join(RUN_ORDER))
+    ap.add_argument("--out", default=str(Path(__file__).with_name("quality")))
+    ap.add_argument("--data", default="brown:test")
+    args = ap.parse_args(argv)
+
+    from edgeslm.data import load_eval_text
+    from edgeslm.evaluate import decoder_logits_fn, eval_tokens, perplexity
+    from edgeslm.loading import load_model
+    from edgeslm.quantize import quantize_folder
+    from edgeslm.schemes import get_scheme
+
+    torch.manual_seed(0)
+    out = Path(args.out)
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
+    rows = [r for r in rows if r["scheme"] not in args.schemes.split(",")]
+    _, tok, folder = load_model(args.model, with_tokenizer=True)
+    tokens = eval_tokens(tok, load_eval_text(args.data))
+    for name in args.schemes.split(","):
+        scheme = get_scheme(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            if scheme.quantized:
+                facts = quantize_folder(folder, scheme, Path(tmp) / "q", progress=False)
+                model, _, _ = load_model(facts["out"], with_tokenizer=False)
+                weights, params = facts["weights_bytes"], facts["parameters"]
+            else:
+                model, _, _ = load_model(folder, dtype=getattr(torch, scheme.float_dtype), with_tokenizer=False)
+                params = sum(p.numel() for p in model.parameters())
+                weights = params * (2 if scheme.float_dtype == "float16" else 4)
+                facts = {"seconds": 0.0}
+            ppl = perplexity(decoder_logits_fn(model), tokens, progress=False)["perplexity"]
+        row = {"scheme": name, "description": scheme.describe(), "weights_bytes": weights, "parameters": params,
+               "bytes_per_param": weights / params, "perplexity": ppl, "quantize_seconds": facts["seconds"],
+               "total_seconds": round(time.perf_counter() - start, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        save(rows, out, folder, args, tokens)  # after every scheme: a long run keeps what it measured
+    rows = save(rows, out, folder, args, tokens)
+    print(markdown(rows))
+    plot(rows, next((r["perplexity"] for r in rows if r["scheme"] == "f32"), None), out.with_suffix(".png"))
+    return 0
+
+
+def save(rows, out, folder, args, tokens):
+    from edgeslm.quantize import CALIBRATION_LENGTH, CALIBRATION_SAMPLES
+
+    base = next((r["perplexity"] for r in rows if r["scheme"] == "f32"), None)
+    for r in rows:
+        r["change_pct"] = None if base is None else 100.0 * (r["perplexity"] / base - 1.0)
+        goal = GOALS.get(r["scheme"])
+        r["goal_pct"] = goal
+        r["meets_goal"] = None if goal is None or base is None else r["change_pct"] <= goal
+    order = {s: i for i, s in enumerate(SCHEMES)}
+    rows.sort(key=lambda r: order.get(r["scheme"], 99))
+    result = {"model": str(folder), "data": args.data, "tokens": int(tokens.numel()), "context": 512,
+              "calibration": f"brown:train, {CALIBRATION_SAMPLES} x {CALIBRATION_LENGTH} tokens",
+              "torch_threads": torch.get_num_threads(), "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(rows) + "\n")
+    return rows
+
+
+def markdown(rows) -> str:
+    lines = ["| scheme | weights bytes | bytes/param | perplexity | change | goal |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        change = "–" if r["scheme"] == "f32" or r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
+        goal = "" if r["goal_pct"] is None else f"≤ +{r['goal_pct']:.0f}%: {'met' if r['meets_goal'] else 'NOT met'}"
+        lines.append(f"| {r['scheme']} | {r['weights_bytes']:,} | {r['bytes_per_param']:.3f} | "
+                     f"{r['perplexity']:.2f} | {change} | {goal} |")
+    return "\n".join(lines)
+
+
+def plot(rows, base, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        mb = r["weights_bytes"] / 2**20
+        color = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:green"}.get(r["scheme"].split("-")[-1], "black")
+        ax.scatter(mb, r["perplexity"], color=color)
+        ax.annotate(r["scheme"], (mb, r["perplexity"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+    if base is not None:
+        for label, ppl in PEERS:
+            ax.axhline(ppl, color="tab:red", lw=0.6, ls=":")
+            ax.annotate(label, (ax.get_xlim()[1], ppl), fontsize=7, color="tab:red", ha="right", va="bottom")
+        ax.axhline(base, color="black", lw=0.6, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("weights file (MiB, log scale)")
+    ax.set_ylabel("Brown test perplexity (2,048 tokens, context 512)")
+    ax.set_title("SmolLM2-135M: size against perplexity per edgeslm scheme")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
