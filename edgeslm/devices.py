@@ -95,7 +95,7 @@ def validate_budgets(raw: dict, where: str) -> dict:
     for key, value in raw.items():
         if key not in BUDGET_KEYS:
             raise EdgeSLMError(f"{where}: unknown budget {key!r}; known: {', '.join(BUDGET_KEYS)}")
-        out[key] = _positive(value, f"{where}.{key}", integer=key == "prompt_tokens")
+        out[key] = _positive(value, f"{where}: {key}", integer=key == "prompt_tokens")
     return out
 
 
@@ -107,7 +107,7 @@ def parse_profile(data: dict, path: Path) -> Profile:
     if data["kind"] not in KINDS:
         raise EdgeSLMError(f"{where}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
     numbers = {k: _positive(data[k], f"{where}: {k}") for k in PROFILE_NUMBERS}
-    budgets = validate_budgets(data["budgets"], f"{where}: budgets")
+    budgets = validate_budgets(data["budgets"], f"{where} [budgets]")
     missing = [k for k in BUDGET_KEYS if k not in budgets]
     if missing:
         raise EdgeSLMError(f"{where}: budgets lack {', '.join(missing)}")
@@ -158,7 +158,7 @@ def load_budget_file(path) -> tuple[dict, dict]:
     common = validate_budgets(data, f"budget file {path}")
     if not isinstance(per_device, dict):
         raise EdgeSLMError(f"budget file {path}: [device] must hold one table per device name")
-    devices = {name: validate_budgets(b, f"budget file {path}: device.{name}") for name, b in per_device.items()}
+    devices = {name: validate_budgets(b, f"budget file {path} [device.{name}]") for name, b in per_device.items()}
     return common, devices
 
 
@@ -212,7 +212,9 @@ def artifact_facts(folder, manifest: dict) -> ArtifactFacts:
     from .config import spec_from_hf_config
     from .loading import read_hf_config
 
-    size = sum(int(f["bytes"]) for f in manifest.get("files", {}).values())
+    # what a forward pass reads: the model files, not the tokenizer or metadata that ship beside them
+    size = sum(int(f["bytes"]) for rel, f in manifest.get("files", {}).items()
+               if not rel.startswith("tokenizer/") and not rel.endswith((".json", ".txt", ".md")))
     config_dir = None
     for candidate in (Path(folder), Path(manifest.get("reference", "") or "/nonexistent")):
         if (candidate / "config.json").is_file():
@@ -221,11 +223,16 @@ def artifact_facts(folder, manifest: dict) -> ArtifactFacts:
     if config_dir is None:
         raise EdgeSLMError(f"{folder}: cannot estimate without the model's config.json (not in the artifact, and "
                            f"the reference folder {manifest.get('reference')!r} is not on this machine)")
-    spec = spec_from_hf_config(read_hf_config(config_dir))
-    h, i, d = spec.hidden_size, spec.intermediate_size, spec.head_dim
-    per_layer = h * d * (2 * spec.num_heads + 2 * spec.num_kv_heads) + 3 * h * i
-    embedding = spec.vocab_size * h
-    params = spec.num_layers * per_layer + embedding + (0 if spec.tie_embeddings else embedding)
+    import torch
+
+    from .loading import build_decoder
+
+    hf_config = read_hf_config(config_dir)
+    spec = spec_from_hf_config(hf_config)
+    d = spec.head_dim
+    with torch.device("meta"):  # the exact parameter count of our decoder, without allocating it
+        params = sum(p.numel() for p in build_decoder(hf_config).parameters())
+    embedding = spec.vocab_size * spec.hidden_size
     kv_dtype_bytes = 2 if str(manifest.get("kv_dtype", manifest.get("dtype", "float32"))) in ("float16", "fp16", "bfloat16") else 4
     per_layer_kv = 2 * spec.num_kv_heads * d * kv_dtype_bytes
     n_local = sum(spec.layer_is_local) if spec.sliding_window else 0
@@ -255,7 +262,7 @@ def estimate(profile: Profile, facts: ArtifactFacts, prompt_tokens: int, decode_
         "decode_tok_s": batch / step_s,
         # lower bound: weights + full static KV cache; the runtime's own overhead is not known here
         "peak_memory_mb": (facts.size_bytes + kv_full) / 1e6,
-        "artifact_mb": facts.size_bytes / 1e6,
+        "artifact_mb": facts.size_bytes / 1e6,  # model files only; check replaces it with the folder's size
         "bound": "memory" if (facts.weight_bytes_per_token / bw) >= facts.flops_per_token(mid) / flops else "compute",
         "basis": f"roofline on {profile.bandwidth_gbs:g} GB/s, {profile.compute_gflops:g} GFLOP/s (peak figures: "
                  "a ceiling on speed); memory = weights + KV cache, runtime overhead not included",

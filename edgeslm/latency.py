@@ -233,6 +233,8 @@ def build_native_runner(progress=None) -> Path:
 
 
 def pte_file(folder, manifest: dict) -> Path:
+    if manifest.get("program"):
+        return Path(folder) / manifest["program"]
     ptes = [rel for rel in manifest.get("files", {}) if rel.endswith(".pte")]
     if not ptes:
         raise EdgeSLMError(f"{folder} holds no .pte file")
@@ -335,6 +337,8 @@ def runners_for(profile, manifest: dict) -> tuple[list[str], str | None]:
         if android_runner() is None:
             return [], "no arm64-v8a edgeslm-runner (build it with ANDROID_NDK, see CMakeLists.txt)"
         return [f"android:{serials[0]}"], None
+    if profile.kind == "ios":
+        return [], "no runner reaches an iOS device from here (Core ML predict needs Apple's runtime on the device)"
     return [], f"no runner reaches a {profile.kind} device from here"
 
 

@@ -4,6 +4,7 @@
 // The program's methods follow the edgeslm ExecuTorch target:
 //   prefill(tokens int [1, C], start_pos int) -> logits [1, C, V]   (C: a fixed chunk)
 //   decode (tokens int [1, 1], start_pos int) -> logits [1, 1, V]
+//   reset  (dummy [1])                        -> empties the cache (optional; called before each run)
 // with the KV cache as mutable buffers the two methods share (share_mutable_buffers), so the
 // Module is built with share_memory_arenas, as the Python runtime does for host-only methods.
 // A method with more than two inputs carries its state explicitly instead: inputs 2.. start as
@@ -203,8 +204,32 @@ struct RunResult {
   std::vector<double> decode_ms;
 };
 
-RunResult generate(Module& module, Step& prefill, Step& decode, const Options& o) {
+// The program's `reset(dummy [1])` method, when it has one, empties the shared KV cache.
+struct Reset {
+  bool present = false;
+  TensorPtr dummy;
+
+  void bind(Module& module, bool has_reset) {
+    if (!has_reset) return;
+    check(module.load_method("reset"), "loading method 'reset'");
+    auto meta = module.method_meta("reset");
+    if (!meta.ok()) check(meta.error(), "reading the signature of 'reset'");
+    if (meta.get().num_inputs() != 1) return;  // not ours: leave the cache to position masking
+    auto info = meta.get().input_tensor_meta(0).get();
+    dummy = executorch::extension::zeros(sizes_of(info), info.scalar_type());
+    present = true;
+  }
+
+  void run(Module& module) {
+    if (!present) return;
+    auto result = module.execute("reset", std::vector<EValue>{EValue(*dummy)});
+    if (!result.ok()) check(result.error(), "executing 'reset'");
+  }
+};
+
+RunResult generate(Module& module, Step& prefill, Step& decode, Reset& reset, const Options& o) {
   RunResult r;
+  reset.run(module);
   prefill.reset_state();
   decode.reset_state();
   const size_t n = o.prompt.size();
@@ -268,11 +293,13 @@ int main(int argc, char** argv) {
                               std::to_string(decode.chunk));
   for (int64_t id : o.prompt)
     if (id >= prefill.vocab) fail("token id " + std::to_string(id) + " is outside the vocabulary");
+  
+  Reset reset;
+  reset.bind(module, has("reset"));
   double load_ms = now_ms() - t_load;
-
-  for (int i = 0; i < o.warmup; ++i) generate(module, prefill, decode, o);
+  for (int i = 0; i < o.warmup; ++i) generate(module, prefill, decode, reset, o);
   std::vector<RunResult> runs;
-  for (int i = 0; i < o.runs; ++i) runs.push_back(generate(module, prefill, decode, o));
+  for (int i = 0; i < o.runs; ++i) runs.push_back(generate(module, prefill, decode, reset, o));
   for (const auto& r : runs)
     if (r.tokens != runs[0].tokens) {
       std::fprintf(stderr, "edgeslm-runner: runs disagree on the greedy tokens (state not reset?)\n");

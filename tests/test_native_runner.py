@@ -1,0 +1,86 @@
+"""edgeslm-runner: CMake builds it against the executorch wheel; on a tiny .pte exported by the
+ExecuTorch target, its greedy tokens equal the Python ExecuTorch runtime's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from edgeslm.latency import build_native_runner, pte_file, run_native
+
+
+@pytest.fixture(scope="module")
+def runner_binary():
+    return build_native_runner()  # cached under ~/.cache/edgeslm/native/<sources+version digest>
+
+
+@pytest.fixture(scope="module")
+def et_artifact(tmp_path_factory):
+    from tiny_export import tiny_model_folder
+
+    from edgeslm.cli.export import export_artifact
+
+    root = tmp_path_factory.mktemp("native")
+    # Gemma 2 (window 8, soft-caps): the decode below runs past the window, through the ring buffers
+    model = tiny_model_folder(root / "tiny-gemma2", family="gemma2")
+    out = root / "tiny-et"
+    export_artifact(model, "executorch", "f32", out, context=64, prefill_chunk=8, verify=False, progress=False)
+    return out
+
+
+def test_native_tokens_equal_the_python_runtime(runner_binary, et_artifact):
+    from edgeslm.artifact import read_manifest
+    from edgeslm.targets.registry import get_target
+
+    manifest = read_manifest(et_artifact)
+    prompt = [5, 17, 42, 3, 88, 61, 9, 30, 71, 12, 50]  # 11 tokens: one chunk of 8 + 3 through decode
+    steps = 24
+    python_runner = get_target("executorch").load(et_artifact, manifest)
+    expected, _ = python_runner.generate_greedy(torch.tensor([prompt]), steps)
+    result, rss_mb = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, runs=2, warmup=1)
+    assert result["tokens"] == expected.tolist()
+    assert result["prefill_method"] == "prefill" and result["prefill_chunk"] == 8
+    assert len(result["runs"]) == 2 and all(len(r["decode_ms"]) == steps - 1 for r in result["runs"])
+    assert all(r["ttft_ms"] > 0 and min(r["decode_ms"]) > 0 for r in result["runs"])
+    assert rss_mb > 1 and result["peak_rss_kb"] > 0
+    # a prompt of whole chunks only, and a one-token prompt (decode only)
+    for p in (prompt[:8], prompt[:1]):
+        want, _ = python_runner.generate_greedy(torch.tensor([p]), 12)
+        got, _ = run_native(runner_binary, pte_file(et_artifact, manifest), p, 12)
+        assert got["tokens"] == want.tolist()
+
+
+def test_native_runner_rejects_bad_input(runner_binary, et_artifact, tmp_path):
+    pte = str(next(et_artifact.glob("*.pte")))
+    cases = [["--model", str(tmp_path / "none.pte"), "--tokens", "1"], ["--model", pte, "--tokens", "1,x"],
+             ["--model", pte, "--tokens", "100000"], ["--model", pte], ["--model", pte, "--tokens", "1", "--bogus", "1"]]
+    for args in cases:
+        p = subprocess.run([str(runner_binary), *args], capture_output=True, text=True)
+        assert p.returncode == 2, args
+        errors = [line for line in p.stderr.splitlines() if line.startswith("edgeslm-runner: error")]
+        assert errors and p.stdout == "", args
+    broken = tmp_path / "broken.pte"
+    broken.write_bytes(b"not a program" * 100)
+    p = subprocess.run([str(runner_binary), "--model", str(broken), "--tokens", "1"], capture_output=True, text=True)
+    assert p.returncode == 1 and "failed" in p.stderr
+
+
+def test_check_on_host_reports_the_native_runner(runner_binary, et_artifact, capsys, tmp_path):
+    from edgeslm.cli.main import main
+
+    budget = tmp_path / "b.toml"
+    budget.write_text("prompt_tokens = 20\n")
+    code = main(["check", str(et_artifact), "--device", "host", "--budget", str(budget), "--runs", "2",
+                 "--decode-tokens", "6", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    runners = {r["runner"].split(":")[0]: r for r in out["results"]}
+    assert set(runners) == {"host", "native"}
+    assert runners["host"]["runner"].startswith("host: executorch")
+    for r in runners.values():
+        assert r["measured"] and r["figures"]["ttft_ms"]["n"] == 2
+    # both runners run the same program on the same prompt, so they agree on the tokens
+    assert runners["native"]["tokens"] == runners["host"]["tokens"]
