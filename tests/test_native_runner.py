@@ -19,13 +19,18 @@ def runner_binary():
 
 @pytest.fixture(scope="module")
 def et_artifact(tmp_path_factory):
-    from tiny_export import tiny_model_folder
+    from tiny import tiny_pair
+    from tiny_export import char_tokenizer
 
     from edgeslm.cli.export import export_artifact
 
     root = tmp_path_factory.mktemp("native")
-    # Gemma 2 (window 8, soft-caps): the decode below runs past the window, through the ring buffers
-    model = tiny_model_folder(root / "tiny-gemma2", family="gemma2")
+    # Gemma 2 (window 8, soft-caps), one local + one global layer (lowering time grows with layers):
+    # the decode below runs past the window, through the ring buffer
+    hf, _ = tiny_pair("gemma2", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    model = root / "tiny-gemma2"
+    hf.save_pretrained(str(model), safe_serialization=True)
+    char_tokenizer().save_pretrained(str(model))
     out = root / "tiny-et"
     export_artifact(model, "executorch", "f32", out, context=64, prefill_chunk=8, verify=False, progress=False)
     return out
