@@ -48,5 +48,25 @@ if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
 fi
 # --- end native runner
 
+# --- webgpu target (issue 7): Debian chromium + emscripten (only when missing), and the pinned npm
+# packages the browser runner uses, in ~/.cache/edgeslm/node (EDGESLM_NODE_DIR overrides). The TVM
+# web runtime (.bc) is built from the wheels' sources on first use (targets/webgpu/runtime.py).
+if ! command -v chromium >/dev/null || ! command -v emcc >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "setup: installing chromium and emscripten for the webgpu target"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium emscripten >/dev/null
+  else
+    echo "setup: the webgpu target needs chromium and emscripten (apt-get install -y chromium emscripten)" >&2
+  fi
+fi
+if command -v npm >/dev/null; then
+  webgpu_node=${EDGESLM_NODE_DIR:-${EDGESLM_CACHE:-$HOME/.cache/edgeslm}/node}
+  mkdir -p "$webgpu_node"
+  [ -f "$webgpu_node/package.json" ] || echo '{"name":"edgeslm-webgpu-node","private":true}' >"$webgpu_node/package.json"
+  (cd "$webgpu_node" && npm install --silent --no-audit --no-fund --ignore-scripts \
+    playwright-core@1.65.1 @mlc-ai/web-runtime@0.27.0-dev0)
+fi
+# --- end webgpu target
+
 echo "$want" >"$STAMP"
 echo "setup: done"

@@ -8,9 +8,9 @@ from edgeslm.errors import EdgeSLMError
 
 TARGETS = {
     "onnx": "edgeslm.targets.onnx",
-    # "executorch": "edgeslm.targets.executorch",
+    "executorch": "edgeslm.targets.executorch",
     "coreml": "edgeslm.targets.coreml",
-    # "webgpu": "edgeslm.targets.webgpu",
+    "webgpu": "edgeslm.targets.webgpu",
     "gguf": "edgeslm.targets.gguf",
 }
 
