@@ -31,7 +31,8 @@ def quiet_third_party_noise():
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TORCHINDUCTOR_DISABLE_PROGRESS", "1")
-    logging.getLogger("torchao").setLevel(logging.ERROR)
+    for name in ("torchao", "coremltools", "executorch", "tvm"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
