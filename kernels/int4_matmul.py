@@ -203,18 +203,30 @@ def _check(x, qweight, scales, zeros, group_size):
     return n, k
 
 
-def _forward_config(m, n, k, device):
-    """(path, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages); untuned GPU defaults."""
+def gpu_config(m: int, dtype, backward: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not timed yet (no GPU so far):
+    the largest tiles that compile for sm_90 without register spills, with and without zero points
+    (tests/kernels/test_compile_sm90.py checks that). fp32 takes the FMA path and needs small tiles."""
+    if dtype == torch.float32:
+        return (16, 32, 64, 4, 2) if backward else (16, 64, 64, 8, 2)
+    if backward:
+        return (16, 64, 128, 4, 2) if m <= 16 else (64, 64, 128, 8, 2)
+    if m <= 16:  # GEMV / split-K: memory bound, M padded to the smallest tl.dot tile
+        return 16, 64, 128, 4, 3
+    return 128, 128, 64, 8, 3
+
+
+def _forward_config(m, n, k, device, dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for this launch."""
     if _interpreting():  # few, large blocks: interpreter time grows with programs x loop trips
-        return ("gemv" if m <= 16 else "gemm", max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))),
-                max(32, min(256, _next_pow2(k))), 1, 4, 1)
-    if m <= 16:
-        block_n, block_k = 64, 256
+        return (max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))),
+                1, 4, 1)
+    bm, bn, bk, nw, ns = gpu_config(m, dtype)
+    split_k = 1
+    if m <= 16:  # split K until the grid covers ~2 waves, keeping >= 2 K steps per split
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        tiles = triton.cdiv(n, block_n)
-        split_k = max(1, min(triton.cdiv(2 * sms, tiles), k // (2 * block_k)))
-        return "gemv", 16, block_n, block_k, split_k, 4, 3
-    return "gemm", 128 if m >= 128 else 64, 128, 64, 1, 8, 3
+        split_k = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, bn)), k // (2 * bk)))
+    return bm, bn, bk, split_k, nw, ns
 
 
 def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, block_m=None, block_n=None, block_k=None, split_k=None,
@@ -225,7 +237,7 @@ def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, block_m=None, 
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out.view(m, n)
     if m == 0:
         return y
-    _, bm, bn, bk, sk, nw, ns = _forward_config(m, n, k, x2.device)
+    bm, bn, bk, sk, nw, ns = _forward_config(m, n, k, x2.device, x2.dtype)
     bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
     sk, nw, ns = split_k or sk, num_warps or nw, num_stages or ns
     k_per_split = triton.cdiv(triton.cdiv(k, sk), bk) * bk  # whole K blocks per split
@@ -250,9 +262,9 @@ def _launch_dx(dy2, qweight, scales, zeros, group_size, n, k, block_m=None, bloc
     if m == 0:
         return dx
     if _interpreting():
-        bm, bn, bk = max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k)))
+        bm, bn, bk, nw, ns = max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))), 4, 1
     else:
-        bm, bn, bk = (16 if m <= 16 else 64), 64, 128
+        bm, bn, bk, nw, ns = gpu_config(m, dy2.dtype, backward=True)
     bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
     z = zeros if zeros is not None else scales
     grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
@@ -260,7 +272,7 @@ def _launch_dx(dy2, qweight, scales, zeros, group_size, n, k, block_m=None, bloc
         dy2, qweight, scales, z, dx, m, n, k,
         dy2.stride(0), dy2.stride(1), qweight.stride(0), scales.stride(0), z.stride(0), dx.stride(0), dx.stride(1),
         GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        DOT_MODE=_dot_mode(dy2.dtype), num_warps=4, num_stages=2,
+        DOT_MODE=_dot_mode(dy2.dtype), num_warps=nw, num_stages=ns,
     )
     return dx
 

@@ -180,21 +180,27 @@ if triton is not None:
 
     @triton.jit
     def _attn_combine_kernel(
-        PART, LSE, OUT, rows_total, sob, soh, sot, sod, HQ, T,
-        SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+        PART, LSE, OUT, rows_total, num_splits, sob, soh, sot, sod, HQ, T,
+        HEAD_DIM: tl.constexpr, D: tl.constexpr,
     ):
-        """Merges the split-KV partials of one query row: weights exp2(lse_i - max lse)."""
+        """Merges the split-KV partials of one query row, one split at a time (an online
+        log-sum-exp, so registers stay one HEAD_DIM vector however many splits there are)."""
         row = tl.program_id(0)
-        sp = tl.arange(0, SPLITS_P2)
-        sp_ok = sp < SPLITS
         d = tl.arange(0, HEAD_DIM)
-        lse = tl.load(LSE + sp * rows_total + row, mask=sp_ok, other=float("-inf"))
-        top = tl.max(lse, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp2(lse - top)
-        part = tl.load(PART + (sp[:, None] * rows_total + row) * HEAD_DIM + d[None, :], mask=sp_ok[:, None], other=0.0)
-        total = tl.sum(w, axis=0)
-        out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0.0, total, 1.0)
+        top = float("-inf")
+        total = 0.0
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        for i in range(num_splits):
+            lse = tl.load(LSE + i * rows_total + row)
+            new_top = tl.maximum(top, lse)
+            safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # empty splits carry -inf
+            alpha = tl.exp2(top - safe)
+            w = tl.exp2(lse - safe)
+            part = tl.load(PART + (i * rows_total + row) * HEAD_DIM + d)
+            acc = acc * alpha + part * w
+            total = total * alpha + w
+            top = new_top
+        out = acc / tl.where(total > 0.0, total, 1.0)
         b = row // (HQ * T)
         h = (row // T) % HQ
         t = row % T
@@ -208,6 +214,19 @@ def dot_mode(dtype) -> int:
     if dtype == torch.bfloat16 and _interpreting():
         return 2
     return 0
+
+
+def gpu_config(head_dim: int, dtype, decode: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA. Not timed yet (no GPU so far): chosen as
+    the largest tiles that compile for sm_90 without register spills (tests/kernels/test_compile_sm90.py
+    checks that). fp32 takes the FMA path (no tf32) and needs small tiles."""
+    if dtype == torch.float32:
+        return (16, 32, 4, 2) if decode or head_dim > 128 else (32, 32, 8, 2)
+    if decode:  # one KV stream per program; BLOCK_M = 16 is the smallest tl.dot tile
+        return 16, 64, 4 if head_dim <= 64 else 8, 2
+    if head_dim <= 128:
+        return 128, 64, 8, 2
+    return 128, 32, 8, 2
 
 
 def _sm_count(device) -> int:
@@ -250,18 +269,12 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         return out
     interp = _interpreting()
     decode = rows <= 16
-    if block_m is None:
-        if interp:
-            block_m = min(128, max(16, _next_pow2(rows)))
-        elif decode:
-            block_m = 16
-        else:
-            block_m = 128 if head_dim <= 64 else 64
-    if block_n is None:
-        if interp:
-            block_n = min(128, max(16, _next_pow2(s)))
-        else:
-            block_n = 64 if head_dim <= 128 else 32
+    if interp:  # few, large blocks: interpreter time grows with programs x loop trips
+        cfg = (min(128, max(16, _next_pow2(rows))), min(128, max(16, _next_pow2(s))), 4, 1)
+    else:
+        cfg = gpu_config(head_dim, q.dtype, decode)
+    block_m, block_n = block_m or cfg[0], block_n or cfg[1]
+    num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
     n_m = triton.cdiv(rows, block_m)
     n_blocks = triton.cdiv(s, block_n)
     if num_splits is None:
@@ -273,10 +286,6 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     num_splits = max(1, min(int(num_splits), n_blocks))
     per_split = triton.cdiv(n_blocks, num_splits)
     num_splits = triton.cdiv(n_blocks, per_split)
-    if num_warps is None:
-        num_warps = 4 if (decode or head_dim <= 64) else 8
-    if num_stages is None:
-        num_stages = 2 if head_dim >= 256 else 3
     split = num_splits > 1
     q_pos = q_pos.to(device=q.device).contiguous()
     k_pos = k_pos.to(device=q.device).contiguous()
@@ -300,9 +309,8 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     )
     if split:
         _attn_combine_kernel[(b * hq * t,)](
-            part, lse, out, b * hq * t, *out.stride(), hq, t,
-            SPLITS=num_splits, SPLITS_P2=max(2, _next_pow2(num_splits)), HEAD_DIM=head_dim, D=d,
-            num_warps=4 if head_dim <= 128 else 8,
+            part, lse, out, b * hq * t, num_splits, *out.stride(), hq, t,
+            HEAD_DIM=head_dim, D=d, num_warps=1 if head_dim <= 128 else 2,
         )
     if block_stats is not None:
         block_stats.append(stats.view(num_splits, b * hkv, n_m))
