@@ -141,7 +141,9 @@ def ring_positions(written, slots: int):
     """Absolute position held by each ring slot after `written` tokens; -1 where empty."""
     idx = torch.arange(slots, device=written.device if torch.is_tensor(written) else None)
     last = written - 1
-    pos = last - torch.remainder(last - idx, slots)
+    # last - idx >= -slots, so "+ slots" keeps the dividend non-negative: ExecuTorch 1.5's portable
+    # remainder kernel rounds toward zero for negative int64 (C semantics), unlike torch
+    pos = last - torch.remainder(last - idx + slots, slots)
     return torch.where(pos >= 0, pos, -1)
 
 

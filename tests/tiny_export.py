@@ -28,3 +28,15 @@ def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0) -> Pa
     hf.save_pretrained(str(folder), safe_serialization=True)
     char_tokenizer().save_pretrained(str(folder))
     return folder
+
+
+def isolated_cache(tmp: Path, monkeypatch) -> Path:
+    """Points EDGESLM_CACHE at tmp (quantized tiny references land there), keeping the Brown corpus."""
+    from edgeslm.data import brown_dir
+
+    brown = brown_dir()  # resolved (and fetched if missing) in the real cache first
+    cache = Path(tmp) / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / brown.name).symlink_to(brown)
+    monkeypatch.setenv("EDGESLM_CACHE", str(cache))
+    return cache

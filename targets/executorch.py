@@ -1,0 +1,254 @@
+"""ExecuTorch target: one .pte program lowered to XNNPACK, three methods over one static KV cache.
+
+  prefill(tokens [1, C], start_pos) -> logits [1, C, V]   C = the prefill chunk
+  decode(tokens [1, 1], start_pos)  -> logits [1, 1, V]
+  reset(dummy [1])                  -> zeros the cache
+
+The cache tensors are mutable buffers of the program (the decoder's own static cache, written in
+place with index_copy_), shared by the three methods (MemoryPlanningPass(share_mutable_buffers)).
+Sliding-window layers keep their `window`-slot ring; positions are derived from start_pos inside
+the graph (model.ring_positions), so they stay correct past the window. A prompt is fed in full
+chunks through prefill and its tail token by token through decode.
+
+int4 (symmetric q4g{G}-*): 8-bit dynamic activations x OUR int4 weights. Each Int4Linear becomes a
+linear whose weight is a torchao IntxUnpackedToInt8Tensor built from our codes and fp16 scales
+(codes - 8 as int4 values, zero point 0, our scales), never re-quantized from float; export checks
+that it dequantizes to exactly our int4 weights. XNNPACK packs it into its 4-bit blockwise
+kernels. The int4 embedding gathers rows of our packed table in plain ops; the tied lm_head is an
+8da4w linear over the same codes (XNNPACK keeps its own packed copy: the table is stored twice).
+Facts: torch.export(strict=True) under no_grad (strict=False turns the cache buffers into
+constants and lowering fails); lowering takes minutes on 2 cores for SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckFailed, EdgeSLMError
+from .base import ExportContext, Runner, Target
+
+PROGRAM = "model.pte"
+METHODS = ("prefill", "decode", "reset")
+
+
+# ---------------------------------------------------------------- int4 modules
+
+
+def torchao_int4_weight(module) -> torch.Tensor:
+    """Our packed int4 (Int4Linear / Int4Embedding, symmetric) -> torchao 8da4w weight tensor."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
+
+    from ..kernels.int4_matmul import unpack_int4
+
+    codes = unpack_int4(module.qweight).to(torch.int16) - 8  # -8..7, W = code * scale
+    n, groups = module.scales.shape
+    weight = IntxUnpackedToInt8Tensor(
+        codes.to(torch.int8), module.scales.float(), torch.zeros(n, groups, dtype=torch.int8),
+        torch.int4, (1, module.group_size), torch.float32,
+        IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
+    ours = module.dequantized(torch.float32)
+    theirs = weight.dequantize()
+    if not torch.equal(ours, theirs):
+        raise CheckFailed(f"torchao int4 weight differs from ours by {float((ours - theirs).abs().max()):.3g}")
+    return weight
+
+
+class EtInt4Linear(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.weight = nn.Parameter(torchao_int4_weight(m), requires_grad=False)
+        self.bias = m.bias
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class EtInt4Embedding(nn.Module):
+    """Row gather from our packed table (plain portable ops); project() is an 8da4w linear."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.group, self.dim = m.group_size, m.in_features
+        self.register_buffer("qweight", m.qweight)
+        self.register_buffer("scales", m.scales)
+        self.head = EtInt4Linear(m)
+
+    def forward(self, ids):
+        rows = self.qweight[ids].float()  # [B, T, K/2] bytes as floats: unpack with exact float math
+        high = torch.floor(rows / 16)
+        low = rows - 16 * high
+        codes = torch.stack((low, high), dim=-1).reshape(*ids.shape, self.dim // self.group, self.group)
+        w = (codes - 8.0) * self.scales[ids].float().unsqueeze(-1)
+        return w.reshape(*ids.shape, self.dim)
+
+    def project(self, h):
+        return self.head(h)
+
+
+def et_ready(model):
+    from ..qformat import Int4Embedding, Int4Linear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int4Embedding):
+            model.embed_tokens = EtInt4Embedding(mod)
+        elif isinstance(mod, Int4Linear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], EtInt4Linear(mod))
+    return model
+
+
+# ---------------------------------------------------------------- the program's methods
+
+
+class _CachedDecoder(nn.Module):
+    """The decoder over a cache held in buffers (cache_0 .. cache_{2L-1}) and written in place."""
+
+    def __init__(self, decoder, context: int):
+        super().__init__()
+        self.decoder = decoder
+        decoder.inplace_cache = True
+        cache = decoder.new_cache(1, context, dtype=torch.float32)
+        self.n = len(cache)
+        for i, c in enumerate(cache):
+            self.register_buffer(f"cache_{i}", c)
+
+    def forward(self, tokens, start_pos):
+        cache = [getattr(self, f"cache_{i}") for i in range(self.n)]
+        logits, _ = self.decoder(tokens, start_pos, cache)
+        return logits
+
+
+class _Reset(nn.Module):
+    """Same buffer names as _CachedDecoder, so the shared mutable buffers line up."""
+
+    def __init__(self, cached: _CachedDecoder):
+        super().__init__()
+        self.n = cached.n
+        for i in range(cached.n):
+            self.register_buffer(f"cache_{i}", getattr(cached, f"cache_{i}"))
+
+    def forward(self, dummy):
+        for i in range(self.n):
+            getattr(self, f"cache_{i}").zero_()
+        return dummy + 0
+
+
+class ExecuTorchTarget(Target):
+    name = "executorch"
+    description = "ExecuTorch .pte (XNNPACK), prefill/decode/reset methods over a shared static KV cache; int4 as 8da4w"
+    artifact_suffix = PROGRAM
+
+    def unavailable_reason(self):
+        try:
+            import executorch.runtime  # noqa: F401
+            import torchao  # noqa: F401
+        except ImportError as e:
+            return f"{e.name} is not installed (pip install executorch==1.5.1 torchao==0.18.0)"
+        return None
+
+    def unsupported_reason(self, model, scheme):
+        if scheme.quantized and (scheme.bits != 4 or not scheme.symmetric):
+            return (f"the executorch target maps symmetric int4 (XNNPACK's 4-bit blockwise kernels have no zero "
+                    f"points) and f32; not {scheme.name}")
+        if not scheme.quantized and scheme.float_dtype != "float32":
+            return f"the executorch target exports f32 or int4; not {scheme.name}"
+        return None
+
+    def parity_bounds(self, scheme) -> dict:
+        bounds = super().parity_bounds(scheme)
+        if not scheme.quantized:
+            bounds["max_abs_logit"] = 1e-3  # XNNPACK's fp32 GEMMs reassociate sums
+        return bounds
+
+    def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+        from executorch.exir.passes import MemoryPlanningPass
+        from tqdm.auto import tqdm
+
+        from ..ops import reference_only
+
+        model = et_ready(model.float().eval())
+        cached = _CachedDecoder(model, ctx.context_length).eval()
+        reset = _Reset(cached).eval()
+        chunk = min(ctx.prefill_chunk, ctx.context_length)
+        examples = {
+            "prefill": (cached, (torch.zeros(1, chunk, dtype=torch.long), torch.tensor(0, dtype=torch.long))),
+            "decode": (cached, (torch.zeros(1, 1, dtype=torch.long), torch.tensor(0, dtype=torch.long))),
+            "reset": (reset, (torch.zeros(1),)),
+        }
+        steps = tqdm(total=len(examples) + 2, desc="executorch export", unit="step")
+        programs = {}
+        with torch.no_grad(), reference_only():
+            for name, (module, args) in examples.items():
+                programs[name] = torch.export.export(module, args, strict=True)
+                steps.update()
+            edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+            steps.update()
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
+                emit_mutable_buffer_names=True))
+            steps.update()
+        steps.close()
+        with open(out / PROGRAM, "wb") as f:
+            program.write_to_file(f)
+        delegated = {}
+        for name in ("prefill", "decode"):
+            gm = edge.exported_program(name).graph_module
+            calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+            delegated[name] = {"delegate_calls": sum("executorch_call_delegate" in str(n.target) for n in calls),
+                               "portable_ops": sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+                                                       for n in calls if "executorch_call_delegate" not in str(n.target)
+                                                       and "getitem" not in str(n.target)})}
+        return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XnnpackPartitioner",
+                "cache_shapes": [list(getattr(cached, f"cache_{i}").shape) for i in range(cached.n)],
+                "lowering": delegated}
+
+    def load(self, folder: Path, manifest: dict) -> Runner:
+        return ExecuTorchRunner(Path(folder), manifest)
+
+    def inspect(self, folder: Path, manifest: dict) -> dict:
+        return {"lowering": manifest.get("lowering")}
+
+
+class ExecuTorchRunner(Runner):
+    def __init__(self, folder: Path, manifest: dict):
+        from importlib import metadata
+
+        from executorch.runtime import Runtime
+
+        self.runtime = f"executorch {metadata.version('executorch')} (XNNPACK)"
+        try:
+            self.program = Runtime.get().load_program(str(folder / manifest["program"]))
+            self.methods = {m: self.program.load_method(m) for m in METHODS}
+        except Exception as e:  # a damaged program must read as one line
+            raise EdgeSLMError(f"executorch cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        self.chunk = manifest["prefill_chunk"]
+        self.reset()
+
+    def reset(self):
+        self.methods["reset"].execute([torch.zeros(1)])
+
+    def _run(self, method, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        return self.methods[method].execute([tokens.contiguous(), torch.tensor(start, dtype=torch.long)])[0]
+
+    def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        tokens = tokens.long()
+        t, pieces, pos = tokens.shape[1], [], 0
+        while t - pos >= self.chunk:
+            pieces.append(self._run("prefill", tokens[:, pos : pos + self.chunk], start + pos).clone())
+            pos += self.chunk
+        while pos < t:
+            pieces.append(self._run("decode", tokens[:, pos : pos + 1], start + pos).clone())
+            pos += 1
+        return torch.cat(pieces, dim=1)
+
+    def decode(self, token: int, pos: int) -> torch.Tensor:
+        return self._run("decode", torch.tensor([[token]], dtype=torch.long), pos)[0, -1].clone()
+
+
+TARGET = ExecuTorchTarget()

@@ -1,0 +1,56 @@
+"""ExecuTorch target on tiny Gemma 2 (window 8, softcaps): a 3-method XNNPACK .pte run by
+executorch.runtime; fp32 parity, and int4 as 8-bit dynamic activations x our int4 codes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tiny_export import isolated_cache, tiny_model_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    tmp = tmp_path_factory.mktemp("et")
+    isolated_cache(tmp, mp)
+    yield tmp, tiny_model_folder(tmp / "tiny-gemma2", "gemma2")
+    mp.undo()
+
+
+def test_torchao_weight_is_our_int4():
+    from edgeslm.qformat import Int4Linear, fill_int4, int4_grid_rtn
+    from edgeslm.targets.executorch import torchao_int4_weight
+
+    torch.manual_seed(0)
+    m = Int4Linear(64, 48, 32, True, bias=False)
+    fill_int4(m, *int4_grid_rtn(torch.randn(48, 64), 32, True))
+    w = torchao_int4_weight(m)
+    assert torch.equal(w.dequantize(), m.dequantized())
+    assert int(w.qdata.min()) >= -8 and int(w.qdata.max()) <= 7
+
+
+def test_remainder_of_negative_ring_positions():
+    """ExecuTorch's portable remainder truncates negative int64; the decoder keeps dividends >= 0."""
+    from edgeslm.model import ring_positions
+
+    assert ring_positions(torch.tensor(0), 8).tolist() == [-1] * 8
+    assert ring_positions(torch.tensor(3), 8).tolist() == [0, 1, 2, -1, -1, -1, -1, -1]
+    assert ring_positions(torch.tensor(10), 8).tolist() == [8, 9, 2, 3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("scheme", ["f32", "q4g32-rtn"])
+def test_executorch_parity(tiny, scheme):
+    from edgeslm.cli.export import export_artifact
+
+    tmp, folder = tiny
+    out = tmp / f"et-{scheme}"
+    manifest = export_artifact(folder, "executorch", scheme, out, context=128, prefill_chunk=16, progress=False)
+    parity = manifest["parity"]
+    assert manifest["files"]["model.pte"]["bytes"] > 0
+    assert manifest["lowering"]["decode"]["delegate_calls"] >= 1  # XNNPACK took the matmuls
+    assert parity["passed"], parity["failures"]
+    assert parity["steps"] >= 3 * 8 and parity["greedy_disagree"] == 0
+    if scheme == "f32":
+        assert parity["max_abs_logit_diff"] < 1e-3
+    assert abs(parity["ppl_rel_diff"]) < 0.01
