@@ -35,6 +35,8 @@ def kernels_on_cpu():
     """Within this block CPU tensors take the Triton kernels too. Only meaningful with
     TRITON_INTERPRET=1 set before Triton is imported (the kernel tests do this)."""
     global _kernels_on_cpu
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("ops.kernels_on_cpu() needs TRITON_INTERPRET=1 set before the kernels are imported")
     saved, _kernels_on_cpu = _kernels_on_cpu, True
     try:
         yield
