@@ -1,6 +1,6 @@
-"""The fine-tuning demonstration of the quantization issue, on SmolLM2-135M (not a CI test: ~30 CPU minutes).
+"""The fine-tuning demonstration of the quantization issue, on SmolLM2-135M (not a CI test: ~15 CPU minutes).
 
-    python benchmarks/finetune_demo.py [--lines 300] [--steps 24] [--out /tmp/edgeslm-ft-demo]
+    python benchmarks/finetune_demo.py [--lines 300] [--steps 8] [--seq-len 128] [--out /tmp/edgeslm-ft-demo]
 
 1. writes the first --lines paragraphs of the Brown train split to a text file;
 2. `edgeslm eval` on Brown valid before; `edgeslm finetune --merge` (LoRA r=8 on q/k/v/o + MLP);
@@ -33,7 +33,8 @@ def cli(*args) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lines", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--qlora-steps", type=int, default=6)
     ap.add_argument("--out", default="/tmp/edgeslm-ft-demo")
     args = ap.parse_args(argv)
@@ -48,7 +49,7 @@ def main(argv=None):
 
     before = cli("eval", "--data", "brown:valid")
     tuned = cli("finetune", "--data", data, "--out", out / "lora", "--merge", "--force", "--steps", args.steps,
-                "--lr", "1e-3", "--no-progress")
+                "--seq-len", args.seq_len, "--lr", "1e-3", "--no-progress")
     after = cli("eval", out / "lora", "--data", "brown:valid")
     result.update(valid_ppl_before=before["perplexity"], valid_ppl_after=after["perplexity"],
                   lora_steps=tuned["steps"], lora_examples=tuned["examples"], lora_first_loss=tuned["first_loss"],

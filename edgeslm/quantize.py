@@ -36,6 +36,7 @@ DEFAULT_CALIBRATION = "brown:train"
 # on a GPU, which here would take over an hour.
 CALIBRATION_SAMPLES = 16
 CALIBRATION_LENGTH = 512
+CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/1"  # part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
 AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
 AWQ_TOKENS = 1024  # tokens the AWQ scale search evaluates (a subsample of the calibration set)
@@ -429,6 +430,8 @@ def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIB
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(calibration_source.encode())
+    if scheme.needs_calibration:  # a changed GPTQ/AWQ recipe must not reuse an older cached result
+        h.update(f"{CALIBRATED_RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}".encode())
     target = cache_dir() / "quantized" / f"{folder.name}-{h.hexdigest()[:12]}-{scheme.name}"
     if (target / "quant.json").is_file():
         return target

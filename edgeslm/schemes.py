@@ -5,7 +5,10 @@ A name says everything that is quantized and how:
   q8c                 every decoder linear int8 per output channel (symmetric, fp16 scale);
                       the embedding (and a tied lm_head with it) int8 per row
   q4g{G}-{method}     every decoder linear int4, groups of G along K, symmetric (zero 8);
-                      the embedding (and a tied lm_head with it) int4 g{G} round-to-nearest;
+                      the embedding (and a tied lm_head with it) int4 g{G}: round-to-nearest for
+                      rtn; for gptq/awq round-to-nearest codes whose per-group range is chosen by
+                      a clip search weighted by the final hidden states (what the tied lm_head
+                      multiplies), which keeps row lookups plain RTN codes;
                       an untied lm_head int4 by the same method as the linears
   q4g{G}a-{method}    the same with asymmetric groups (an integer zero point per group)
 Norms, biases and RoPE tables always stay float (they are a few KB).
@@ -41,8 +44,9 @@ class Scheme:
         if self.bits == 8:
             return "int8 per-channel linears (symmetric), int8 per-row embedding"
         sym = "symmetric" if self.symmetric else "asymmetric"
+        emb = "RTN" if self.method == "rtn" else "RTN with an output-weighted clip search"
         return (f"int4 {sym} group-{self.group_size} linears by {self.method.upper()}, "
-                f"int4 group-{self.group_size} embedding by RTN; norms and biases float")
+                f"int4 group-{self.group_size} embedding by {emb}; norms and biases float")
 
 
 def _build() -> dict[str, Scheme]:
