@@ -82,19 +82,52 @@ if triton is not None:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
     @triton.jit
+    def _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, k_ok, k_base, v_base, sks, skd, svs, svd, d, d_ok,
+                    qk_scale, softcap, window,
+                    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_MODE: tl.constexpr):
+        """One KV block of the online softmax: scores, soft-cap, mask by positions, rescale, P @ V."""
+        k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, k, DOT_MODE)
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s * (qk_scale / softcap))
+            s = s * 1.4426950408889634  # softmax in base 2
+        else:
+            s = s * (qk_scale * 1.4426950408889634)
+        allowed = k_ok[None, :] & (kp[None, :] <= qp[:, None])
+        if HAS_WINDOW:
+            allowed = allowed & (qp[:, None] - kp[None, :] < window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + cols[:, None] * svs + d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_MODE)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _attn_fwd_kernel(
-        Q, K, V, QPOS, KPOS, OUT, LSE, STATS,
+        Q, K, V, QPOS, KPOS, OUT, LSE, STATS, BLIST, BCOUNT,
         sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod,
-        T, S, HQ, HKV, blocks_per_split,
+        T, S, HQ, HKV, blocks_per_split, n_kv_blocks,
         qk_scale, softcap, window,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_LIST: tl.constexpr,
         COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
     ):
         """One program: BLOCK_M query rows of one kv head (rows are (t, g) pairs, t-major, so the
-        GQA group shares every K/V tile and a block's positions stay a contiguous run), over the
-        KV blocks [split * blocks_per_split, ...) of that head."""
+        GQA group shares every K/V tile and a block's positions stay a contiguous run), over its
+        split of the KV blocks that the mask leaves live.
+
+        Which blocks are live is decided from the positions, so it holds for ring buffers too, and
+        K/V of a dead block are never loaded nor computed:
+          BLOCK_LIST (prefill): the launcher lists each query block's live KV blocks (BLIST, BCOUNT),
+            so the loop has no branch and Triton can software-pipeline its loads;
+          otherwise (decode): each block's positions are loaded and the block is skipped in-loop,
+            which costs no extra launches (decode is latency bound).
+        """
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -111,8 +144,6 @@ if triton is not None:
         q = tl.load(Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         qp = tl.load(QPOS + t, mask=row_ok, other=-1).to(tl.int32)
-        q_max = tl.max(tl.where(row_ok, qp, -1), axis=0)
-        q_min = tl.min(tl.where(row_ok, qp, 2147483647), axis=0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -122,45 +153,39 @@ if triton is not None:
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         first = pid_s * blocks_per_split
-        last = tl.minimum(first + blocks_per_split, tl.cdiv(S, BLOCK_N))
-        for blk in range(first, last):
-            cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < S
-            kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
-            k_ok = kp >= 0
-            k_max = tl.max(tl.where(k_ok, kp, -1), axis=0)
-            k_min = tl.min(tl.where(k_ok, kp, 2147483647), axis=0)
-            # Skip the block when the mask removes it whole (empty slots, all keys after every
-            # query, or all keys out of every query's window), decided from the loaded positions
-            # so it holds for ring buffers too. K and V are never loaded for a skipped block.
-            live = (k_max >= 0) & (k_min <= q_max)
-            if HAS_WINDOW:
-                live = live & (q_min - k_max < window)
-            if live:
+        if BLOCK_LIST:
+            last = tl.minimum(first + blocks_per_split, tl.load(BCOUNT + pid_m))
+            for i in range(first, last):
+                blk = tl.load(BLIST + pid_m * n_kv_blocks + i)
+                cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < S
+                kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
+                m_i, l_i, acc = _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, kp >= 0, k_base, v_base,
+                                            sks, skd, svs, svd, d, d_ok, qk_scale, softcap, window,
+                                            HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
                 if COUNT_BLOCKS:
                     computed += 1
-                k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd,
-                            mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-                s = _dot(q, k, DOT_MODE)
-                if HAS_SOFTCAP:
-                    s = softcap * _tanh(s * (qk_scale / softcap))
-                    s = s * 1.4426950408889634  # softmax in base 2
-                else:
-                    s = s * (qk_scale * 1.4426950408889634)
-                allowed = k_ok[None, :] & (kp[None, :] <= qp[:, None])
+        else:
+            q_max = tl.max(tl.where(row_ok, qp, -1), axis=0)
+            q_min = tl.min(tl.where(row_ok, qp, 2147483647), axis=0)
+            last = tl.minimum(first + blocks_per_split, n_kv_blocks)
+            for blk in range(first, last):
+                cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+                col_ok = cols < S
+                kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
+                k_ok = kp >= 0
+                k_max = tl.max(tl.where(k_ok, kp, -1), axis=0)
+                k_min = tl.min(tl.where(k_ok, kp, 2147483647), axis=0)
+                # live: some slot filled, some key not after every query, some key in a window
+                live = (k_max >= 0) & (k_min <= q_max)
                 if HAS_WINDOW:
-                    allowed = allowed & (qp[:, None] - kp[None, :] < window)
-                s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-                p = tl.exp2(s - m_safe[:, None])
-                alpha = tl.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, axis=1)
-                v = tl.load(v_base + cols[:, None] * svs + d[None, :] * svd,
-                            mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-                pv = _dot(p.to(v.dtype), v, DOT_MODE)
-                acc = acc * alpha[:, None] + pv
-                m_i = m_new
+                    live = live & (q_min - k_max < window)
+                if live:
+                    m_i, l_i, acc = _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, k_ok, k_base, v_base,
+                                                sks, skd, svs, svd, d, d_ok, qk_scale, softcap, window,
+                                                HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
+                    if COUNT_BLOCKS:
+                        computed += 1
 
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -214,6 +239,29 @@ def dot_mode(dtype) -> int:
     if dtype == torch.bfloat16 and _interpreting():
         return 2
     return 0
+
+
+def live_kv_blocks(q_pos, k_pos, group: int, block_m: int, block_n: int, n_m: int, window):
+    """For each query block, the KV blocks the mask leaves live, listed first (int32 [n_m, n_kv]),
+    and how many there are (int32 [n_m]). A handful of small torch ops on the device, no host sync:
+    the same decision the decode path makes in-kernel, made once for all heads and batch rows."""
+    t, s = q_pos.numel(), k_pos.numel()
+    n_kv = -(-s // block_n)
+    kp = torch.full((n_kv * block_n,), -1, dtype=torch.int64, device=k_pos.device)
+    kp[:s] = k_pos
+    kp = kp.view(n_kv, block_n)
+    k_max = kp.amax(1)  # -1 when the whole block is empty
+    k_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(1)
+    rows = torch.arange(n_m * block_m, device=q_pos.device)
+    qp = q_pos[torch.clamp(rows // group, max=t - 1)].view(n_m, block_m)
+    valid = (rows < t * group).view(n_m, block_m)
+    q_max = torch.where(valid, qp, -1).amax(1)
+    q_min = torch.where(valid, qp, torch.iinfo(torch.int64).max).amin(1)
+    live = (k_max >= 0)[None, :] & (k_min[None, :] <= q_max[:, None])
+    if window is not None:
+        live &= (q_min[:, None] - k_max[None, :]) < window
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
+    return order.to(torch.int32).contiguous(), live.sum(1, dtype=torch.int32)
 
 
 def gpu_config(head_dim: int, dtype, decode: bool) -> tuple[int, int, int, int]:
@@ -295,15 +343,20 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         dest = part
     else:
         lse = dest = out
+    block_list = not decode
+    if block_list:
+        blist, bcount = live_kv_blocks(q_pos, k_pos, group, block_m, block_n, n_m, window)
+    else:
+        blist = bcount = k_pos  # unused
     grid = (n_m, b * hkv, num_splits)
     stats = torch.zeros(grid[0] * grid[1] * grid[2], dtype=torch.int32, device=q.device) if block_stats is not None else out
     _attn_fwd_kernel[grid](
-        q, k, v, q_pos, k_pos, dest, lse, stats,
+        q, k, v, q_pos, k_pos, dest, lse, stats, blist, bcount,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        t, s, hq, hkv, per_split,
+        t, s, hq, hkv, per_split, n_blocks,
         float(scale), float(softcap or 1.0), int(window or 0),
         GROUP=group, HEAD_DIM=head_dim, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, SPLIT=split,
+        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, SPLIT=split, BLOCK_LIST=block_list,
         COUNT_BLOCKS=block_stats is not None, DOT_MODE=dot_mode(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )

@@ -52,9 +52,11 @@ def attention_configs(dtypes):
             for decode in (False, True):
                 bm, bn, nw, ns = sa.gpu_config(head_dim, dtype, decode)
                 types = dict(Q="*" + dt, K="*" + dt, V="*" + dt, OUT="*fp32" if decode else "*" + dt, QPOS="*i64",
-                             KPOS="*i64", LSE="*fp32", STATS="*i32", qk_scale="fp32", softcap="fp32")
+                             KPOS="*i64", LSE="*fp32", STATS="*i32", BLIST="*i32", BCOUNT="*i32", qk_scale="fp32",
+                             softcap="fp32")
                 consts = dict(GROUP=2, HEAD_DIM=head_dim, D=head_dim, BLOCK_M=bm, BLOCK_N=bn, HAS_SOFTCAP=True,
-                              HAS_WINDOW=True, SPLIT=decode, COUNT_BLOCKS=False, DOT_MODE=sa.dot_mode(dtype))
+                              HAS_WINDOW=True, SPLIT=decode, BLOCK_LIST=not decode, COUNT_BLOCKS=False,
+                              DOT_MODE=sa.dot_mode(dtype))
                 yield sa._attn_fwd_kernel, types, consts, ("sqd", "skd", "svd", "sod"), nw, ns
     for head_dim in (64, 128, 256):
         yield (sa._attn_combine_kernel, dict(PART="*fp32", LSE="*fp32", OUT="*bf16"), dict(HEAD_DIM=head_dim, D=head_dim),
