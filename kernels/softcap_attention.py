@@ -335,8 +335,8 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     per_split = triton.cdiv(n_blocks, num_splits)
     num_splits = triton.cdiv(n_blocks, per_split)
     split = num_splits > 1
-    q_pos = q_pos.to(device=q.device).contiguous()
-    k_pos = k_pos.to(device=q.device).contiguous()
+    q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
+    k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
     if split:
         part = torch.empty(num_splits, b * hq * t, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(num_splits, b * hq * t, dtype=torch.float32, device=q.device)
