@@ -135,9 +135,46 @@ def test_llama_cpp_f32_matches_reference(tmp_path, family):
 @needs_llama_cpp
 @pytest.mark.parametrize("family,scheme_name", [("llama", "q4g32-rtn"), ("qwen2", "q4g32-rtn"), ("llama3", "q8c")])
 def test_llama_cpp_quantized_matches_reference(tmp_path, family, scheme_name):
-    # llama.cpp multiplies Q4_0/Q8_0 weights with activations rounded to 8 bits (Q8_0/Q8_K), so the
-    # logits differ a little; the greedy tokens of this horizon must not.
+    # llama.cpp multiplies Q4_0/Q8_0 weights with activations rounded to 8 bits per block of 32
+    # (Q8_0), so its logits differ from the reference's (which multiplies in fp32) by up to ~0.45
+    # here, measured on these random tiny models (logits up to ~6; their sharp random attention
+    # amplifies rounding). Teacher-forced on the reference's tokens, llama.cpp's top token must agree
+    # wherever the reference's top-2 margin exceeds twice that bound; free-running paths may part at
+    # a near-tie, so they are not compared.
     model, scheme, _ = tiny_export(tmp_path, family, scheme_name)
-    ref_tokens, ref_logits, tokens, logits, _ = run_llama_cpp(tmp_path, model, scheme)
-    assert torch.equal(tokens, ref_tokens)
-    assert (logits - ref_logits).abs().max() < 0.1
+    ref_tokens, ref_logits, _, _, forced = run_llama_cpp(tmp_path, model, scheme)
+    assert (forced - ref_logits).abs().max() < 0.6
+    top2 = ref_logits.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1.2
+    assert clear.sum() >= 10
+    assert torch.equal(forced.argmax(-1)[clear], ref_tokens[clear])
+
+
+@needs_llama_cpp
+def test_smollm2_q4_0_in_llama_cpp(tmp_path):
+    """The real model: our q4g32-rtn checkpoint as Q4_0, run by llama.cpp, against the reference."""
+    from edgeslm.cli.export import export_artifact
+    from edgeslm.data import load_eval_text
+    from edgeslm.loading import load_model
+    from edgeslm.model import generate_greedy
+    from edgeslm.quantize import reference_folder
+
+    scheme = get_scheme("q4g32-rtn")
+    manifest = export_artifact(None, "gguf", scheme.name, tmp_path / "gguf", verify=False, progress=False)
+    assert manifest["ggml_types"] == {"Q4_0": 1 + 7 * 30, "F32": 1 + 2 * 30}  # embedding + 7 per layer
+    model, tok, _ = load_model(reference_folder(None, scheme))
+    runner = TARGET.load(tmp_path / "gguf", manifest)
+    try:
+        text = load_eval_text("brown:test")[:2000]
+        assert runner.tokenize(text) == tok(text, add_special_tokens=False).input_ids  # same text -> same ids
+        prompt = tok(text[:400], add_special_tokens=False, return_tensors="pt").input_ids[:, :64]
+        steps = 32
+        ref_tokens, ref_logits = generate_greedy(model, prompt, steps, max_len=128)
+        tokens, logits = runner.generate_greedy(prompt, steps)
+    finally:
+        runner.close()
+    agree = int((tokens == ref_tokens[0]).long().cumprod(0).sum())
+    diff = (logits - ref_logits[0]).abs().max().item()
+    print(f"llama.cpp Q4_0 vs reference: identical greedy prefix {agree}/{steps}, max |logit diff| {diff:.3f}")
+    assert agree == steps  # measured: 32/32
+    assert diff < 2.0  # measured 1.18 (8-bit activations in llama.cpp's Q4_0 x Q8_0 dot products)
