@@ -243,7 +243,7 @@ class Decoder(nn.Module):
         start_pos = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device)
         t = tokens.shape[1]
         q_pos = start_pos + torch.arange(t, device=tokens.device)
-        h = self.embed_tokens(tokens)
+        h = self.embed_tokens(tokens).to(self.norm.weight.dtype)  # int4/int8 tables dequantize to fp32
         if s.embed_scale is not None:
             h = h * torch.tensor(s.embed_scale, dtype=h.dtype)
         ropes = {key: self.rope(key, q_pos, h.dtype) for key in self.rope_scaling}
