@@ -96,8 +96,35 @@ def compare_greedy(ref_tokens, ref_logits, art_logits) -> dict:
     }
 
 
+def cached_reference_perplexity(reference_key: str | None, compute, data: str, count: int, context: int) -> float:
+    """The reference's perplexity is the same for every target: computed once per reference folder
+    (keyed by its files' names, sizes and mtimes) and kept in <cache>/verify/."""
+    import hashlib
+    import json
+
+    from .loading import cache_dir
+
+    if reference_key is None:
+        return compute()["perplexity"]
+    folder = Path(reference_key)
+    h = hashlib.sha256(f"{folder.resolve()}|{data}|{count}|{context}".encode())
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    path = cache_dir() / "verify" / f"ppl-{h.hexdigest()[:16]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())["perplexity"]
+    value = compute()["perplexity"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(path)}")
+    tmp.write_text(json.dumps({"perplexity": value, "reference": str(folder), "data": data, "tokens": count,
+                               "context": context}))
+    tmp.replace(path)
+    return value
+
+
 def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, steps: int | None = None,
-                  ppl_count: int | None = None, progress: bool = True) -> dict:
+                  ppl_count: int | None = None, progress: bool = True, reference_key: str | None = None) -> dict:
     """Compares a loaded Runner with the reference Decoder; returns the figures and bound checks."""
     from .evaluate import decoder_logits_fn, perplexity
     from .model import generate_greedy
@@ -127,7 +154,9 @@ def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, step
             ppl_context = min(PPL_CONTEXT, context)
             count = ppl_count or min(PPL_TOKENS, 16 * ppl_context)
             ids, data = ppl_tokens(tokenizer, ppl_context, count)
-            ref_ppl = perplexity(decoder_logits_fn(reference), ids, ppl_context, progress=progress)["perplexity"]
+            ref_ppl = cached_reference_perplexity(
+                reference_key, lambda: perplexity(decoder_logits_fn(reference), ids, ppl_context, progress=progress),
+                data, int(ids.numel()), ppl_context)
             art_ppl = perplexity(lambda x: runner.score(x), ids, ppl_context, progress=progress)["perplexity"]
             result.update(ppl_data=data, ppl_tokens=int(ids.numel()), ppl_context=ppl_context,
                           ppl_reference=ref_ppl, ppl_artifact=art_ppl, ppl_rel_diff=art_ppl / ref_ppl - 1)
@@ -196,7 +225,7 @@ def verify_folder(folder, steps: int | None = None, ppl_count: int | None = None
     runner = target.load(folder, manifest)
     try:
         result = verify_runner(runner, reference, tokenizer, target.parity_bounds(scheme),
-                               manifest["context_length"], steps, ppl_count, progress)
+                               manifest["context_length"], steps, ppl_count, progress, manifest["reference"])
     finally:
         runner.close()
     result.update(folder=str(folder), target=manifest["target"], scheme=scheme.name, model=manifest.get("model"),
