@@ -26,10 +26,15 @@ def tiny_folder(tmp_path_factory):
 
 
 def _export(folder, scheme, out):
+    """Export through the shared path, then the shared verify (Brown perplexity on 512 tokens, to
+    keep CI short); returns the manifest with the verify result under "parity"."""
     from edgeslm.cli.export import export_artifact
+    from edgeslm.verify import verify_folder
 
-    return export_artifact(folder, "coreml", scheme, out, context=CONTEXT, prefill_chunk=CHUNK, steps=STEPS,
-                           verify=True, progress=False)
+    manifest = export_artifact(folder, "coreml", scheme, out, context=CONTEXT, prefill_chunk=CHUNK, verify=False,
+                               progress=False)
+    manifest["parity"] = verify_folder(out, steps=STEPS, ppl_count=512, progress=False, raise_on_failure=False)
+    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +70,15 @@ def test_f16_verify_same_greedy_tokens(f16_artifact):
     assert p["passed"], p["failures"]
     assert "NOT Apple's Core ML runtime" in p["runtime"]
     assert p["steps"] == STEPS and p["sliding_window"] == 8
-    assert p["greedy_disagree"] == 0  # teacher-forced, every step
-    assert p["free_running_identical_prefix"] == STEPS  # prefill then 32 free decode steps, past the window
+    # teacher-forced: prefill then 32 decode steps past the window; every step agrees or is a near-tie
+    # (reference top-2 margin within the tie tolerance: logits are squeezed into (-0.2, 0.2))
+    assert p["greedy_disagree"] == 0 and p["greedy_agree"] + p["greedy_ties"] == STEPS
+    assert p["greedy_agree"] >= STEPS - 4
     assert abs(p["ppl_rel_diff"]) <= 0.02
     assert p["max_abs_logit_diff"] < 0.02  # fp16 compute on logits in (-0.2, 0.2)
-    print(f"\nf16: max|dlogit| {p['max_abs_logit_diff']:.4g}, ppl {p['ppl_artifact']:.4f} vs {p['ppl_reference']:.4f}")
+    print(f"\nf16: max|dlogit| {p['max_abs_logit_diff']:.4g}, agree {p['greedy_agree']} ties {p['greedy_ties']}, "
+          f"free-running prefix {p['free_running_identical_prefix']}/{STEPS}, "
+          f"ppl {p['ppl_artifact']:.4f} vs {p['ppl_reference']:.4f}")
 
 
 def test_f16_package_layout(f16_artifact):
