@@ -131,3 +131,33 @@ def test_missing_chromium_names_the_install_command(monkeypatch, tmp_path):
     assert reason and "apt-get install" in reason
     with pytest.raises(EdgeSLMError, match="apt-get install -y chromium"):
         browser.chromium_path()
+
+
+@pytest.mark.parametrize("family,scheme", [("llama3", "q4g32a-rtn"), ("stablelm", "f32"), ("gemma3", "q4g32-rtn")])
+def test_relax_module_matches_reference_on_cpu(family, scheme):
+    """The same Relax module built for the host CPU (llvm): prefill then decode steps, every family
+    switch the browser test does not cover (llama3 rope scaling, partial rotary + LayerNorm +
+    biases, qk-norm + two rope bases), int4 with and without zero points."""
+    import numpy as np
+    import torch
+
+    from edgeslm.ops import reference_only
+    from edgeslm.quantize import quantize_model
+    from edgeslm.schemes import get_scheme
+    from edgeslm.targets.webgpu.build import compile_cpu, numpy_logits
+    from tiny import tiny_pair
+
+    _, dec = tiny_pair(family)
+    if scheme != "f32":
+        quantize_model(dec, get_scheme(scheme), progress=False)
+    vm, params = compile_cpu(dec)
+    ids = (torch.arange(1, 21) * 7919 % 97).view(1, -1)
+    with reference_only(), torch.no_grad():
+        ref, _ = dec(ids, 0, None)
+    logits, cache = numpy_logits(vm, params, ids[:, :12].numpy())
+    got = [logits[0]]
+    for t in range(12, 20):  # decode past the window (8) of the local layers
+        logits, cache = numpy_logits(vm, params, ids[:, t:t + 1].numpy(), cache)
+        got.append(logits[0])
+    got = np.concatenate(got)
+    assert np.abs(got - ref[0].numpy()).max() < 1e-4

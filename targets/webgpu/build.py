@@ -103,7 +103,9 @@ def build_webgpu(decoder, out: Path, dtype: str, model_name: str, tokenizer=None
         saved = os.environ.get("TVM_HOME")
         os.environ["TVM_HOME"] = str(runtime_home())
         try:
-            tvmjs.create_tvmjs_wasm(output, objects, options)
+            # -O0 at link: the runtime bitcode is already -O3 and the kernels run on the GPU; the
+            # -O3 default spends minutes in wasm-opt for no measurable gain here
+            tvmjs.create_tvmjs_wasm(output, objects, list(options or []) + ["-O0"])
         finally:
             if saved is None:
                 os.environ.pop("TVM_HOME", None)
@@ -144,10 +146,12 @@ def build_webgpu(decoder, out: Path, dtype: str, model_name: str, tokenizer=None
 
 
 def gpu_pipeline(target):
-    """TVM's generic GPU pipeline with one change: no dlight Matmul rule. Its tiled schedule for
-    matmuls whose two sides are both dynamic (attention over past + new tokens) emits WGSL of
-    ~0.5 MB per kernel that SwiftShader needs gigabytes to compile; the fallback schedule (one
-    thread per output, serial reduction) is small and exact."""
+    """TVM's generic GPU pipeline with dlight's Fallback rule only (one thread per output element,
+    serial reduction). Measured here: the Matmul rule's tiled schedule for matmuls with two dynamic
+    sides (attention over past + new tokens) emits ~0.5 MB WGSL kernels that SwiftShader needed
+    over 8 GB to compile; the Reduction rules spend a 64-thread workgroup on every output of
+    K=16..64 reductions, which on a CPU adapter made a 128-token prefill of the tiny model take
+    30-50 s. Tuned schedules for real GPUs are future work (MLC's own dlight rules + static shapes)."""
     import tvm
     from tvm import relax
     from tvm.relax.backend import gpu_generic
@@ -159,7 +163,7 @@ def gpu_pipeline(target):
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
+        dl.ApplyDefaultSchedule(dl.gpu.Fallback()),
     ]
 
     @tvm.transform.module_pass(opt_level=0)
