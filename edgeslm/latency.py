@@ -157,14 +157,18 @@ def run_measured(cmd: list[str], env=None, timeout: float | None = None) -> tupl
 
 
 def measure_host(folder, prompt_tokens: int, decode_tokens: int, runs: int, warmup: int,
-                 timeout: float = 1800) -> dict:
+                 timeout: float = 1800, label: str = "host") -> dict:
+    """The target's own Runner in a child process. label: host, browser (the WebGPU Runner drives
+    Chromium) or macos (the Core ML Runner), for the result's runner name."""
     cmd = [sys.executable, "-m", "edgeslm.latency", str(folder), str(prompt_tokens), str(decode_tokens),
            str(runs), str(warmup)]
     result, rss_mb = run_measured(cmd, timeout=timeout)
-    return {"runner": f"host: {result['runtime']}", "measured": True, "tokens": result["tokens"],
+    note = ("peak RSS of the largest single process of the run (the Python driver or one Chromium process; "
+            "a browser's processes are not summed)" if label == "browser"
+            else "peak RSS of the child process, Python runtime included")
+    return {"runner": f"{label}: {result['runtime']}", "measured": True, "tokens": result["tokens"],
             "figures": {**figures_from_runs(result["runs"], decode_tokens),
-                        "peak_memory_mb": {"value": rss_mb,
-                                           "note": "peak RSS of the child process, Python runtime included"}}}
+                        "peak_memory_mb": {"value": rss_mb, "note": note}}}
 
 
 def _vocab(folder, manifest: dict) -> int:
@@ -323,10 +327,10 @@ def runners_for(profile, manifest: dict) -> tuple[list[str], str | None]:
             runners.append("native")
         return runners, None
     if profile.kind == "browser":
-        return (["host"], None) if target == "webgpu" else ([], f"{target} does not run in a browser")
+        return (["browser"], None) if target == "webgpu" else ([], f"{target} does not run in a browser")
     if profile.kind == "macos":
         if sys.platform == "darwin" and target == "coreml":
-            return ["host"], None
+            return ["macos"], None
         return [], "no macOS runner here (Core ML predict runs on macOS only)"
     if profile.kind == "android":
         if target != "executorch":
@@ -344,8 +348,8 @@ def runners_for(profile, manifest: dict) -> tuple[list[str], str | None]:
 
 def measure(runner: str, folder, manifest: dict, prompt_tokens: int, decode_tokens: int, runs: int,
             warmup: int) -> dict:
-    if runner == "host":
-        result = measure_host(folder, prompt_tokens, decode_tokens, runs, warmup)
+    if runner in ("host", "browser", "macos"):
+        result = measure_host(folder, prompt_tokens, decode_tokens, runs, warmup, label=runner)
     elif runner == "native":
         result = measure_native(folder, manifest, prompt_tokens, decode_tokens, runs, warmup)
     elif runner.startswith("android:"):
