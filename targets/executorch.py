@@ -165,14 +165,15 @@ class ExecuTorchTarget(Target):
         return bounds
 
     def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
         from tqdm.auto import tqdm
 
         from ..ops import reference_only
 
-        model = et_ready(model.float().eval())
+        model = et_ready(model.eval())  # no .float(): it would widen the fp16 embedding scales
         cached = _CachedDecoder(model, ctx.context_length).eval()
         reset = _Reset(cached).eval()
         chunk = min(ctx.prefill_chunk, ctx.context_length)
@@ -187,7 +188,13 @@ class ExecuTorchTarget(Target):
             for name, (module, args) in examples.items():
                 programs[name] = torch.export.export(module, args, strict=True)
                 steps.update()
-            edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
+            # int4: each dynamically quantized linear gets its own XNNPACK partition first (as
+            # ExecuTorch's llama export does); one partition mixing them failed to load
+            # (XNNCompiler "Failed to define tensor ... invalid_parameter") on tiny Gemma 2
+            partitioners = [XnnpackPartitioner()]
+            if scheme.quantized:
+                partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner())
+            edge = to_edge_transform_and_lower(programs, partitioner=partitioners)
             steps.update()
             program = edge.to_executorch(ExecutorchBackendConfig(
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
@@ -204,7 +211,7 @@ class ExecuTorchTarget(Target):
                                "portable_ops": sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
                                                        for n in calls if "executorch_call_delegate" not in str(n.target)
                                                        and "getitem" not in str(n.target)})}
-        return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XnnpackPartitioner",
+        return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XNNPACK" + (" (dynamically quantized partitions first)" if scheme.quantized else ""),
                 "cache_shapes": [list(getattr(cached, f"cache_{i}").shape) for i in range(cached.n)],
                 "lowering": delegated}
 

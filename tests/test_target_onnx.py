@@ -47,6 +47,8 @@ def test_int4_matmulnbits_parity(tiny, scheme):
     inits = {i.name: i for i in onnx_full.graph.initializer}
     b = numpy_helper.to_array(inits[mm[-1].input[1]]).copy()
     assert torch.equal(torch.from_numpy(b.reshape(b.shape[0], -1)), ref.embed_tokens.qweight)
+    scales = [inits[i] for i in inits if i.endswith("scales")]
+    assert scales and all(i.data_type == onnx.TensorProto.FLOAT16 for i in scales)  # fp16 on disk, as ours
     assert not any(i.data_type == onnx.TensorProto.FLOAT and i.dims and i.dims[0] * (i.dims[1] if len(i.dims) > 1 else 1)
                    >= 64 * 64 for i in onnx_full.graph.initializer)  # no float copy of any weight matrix
 
