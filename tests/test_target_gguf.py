@@ -139,15 +139,15 @@ def test_llama_cpp_quantized_matches_reference(tmp_path, family, scheme_name):
     # (Q8_0), so its logits differ from the reference's (which multiplies in fp32) by up to ~0.45
     # here, measured on these random tiny models (logits up to ~6; their sharp random attention
     # amplifies rounding). Teacher-forced on the reference's tokens, llama.cpp's top token must agree
-    # wherever the reference's top-2 margin exceeds twice that bound; free-running paths may part at
-    # a near-tie, so they are not compared.
+    # wherever the reference's top-2 margin exceeds twice that bound (random tiny models have few such
+    # steps, so overall agreement is bounded too); free-running paths may part at a near-tie.
     model, scheme, _ = tiny_export(tmp_path, family, scheme_name)
     ref_tokens, ref_logits, _, _, forced = run_llama_cpp(tmp_path, model, scheme)
     assert (forced - ref_logits).abs().max() < 0.6
     top2 = ref_logits.topk(2, -1).values
     clear = (top2[:, 0] - top2[:, 1]) > 1.2
-    assert clear.sum() >= 10
     assert torch.equal(forced.argmax(-1)[clear], ref_tokens[clear])
+    assert (forced.argmax(-1) == ref_tokens).sum() >= 20  # of 24; measured 22, 21, 21 (near-ties part)
 
 
 @needs_llama_cpp
