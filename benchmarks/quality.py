@@ -28,6 +28,9 @@ RUN_ORDER = ["f32", "q4g32-rtn", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-awq",
              "q4g32a-rtn"]  # the goals first, so a run cut short still answers them
 # goals of the quantization issue (change of perplexity over the float model), for the table
 GOALS = {"q8c": 1.0, "q4g32-gptq": 8.0, "q4g32-awq": 8.0, "q4g64-gptq": 12.0, "q4g64-awq": 12.0}
+# peers measured by hand (issue 4) against their own reference of 42.75: only the relative change
+# carries over, so the plot draws each at that change over our f32 figure
+PEERS_REFERENCE = 42.75
 PEERS = [("llama.cpp Q4_0 (requantized)", 50.37), ("ORT MatMulNBits sym b32", 54.98),
          ("optimum-executorch 8da4w g32", 59.88)]
 
@@ -58,8 +61,10 @@ def main(argv=None):
         rows += json.loads(Path(extra).read_text())["rows"]
     measure = [s for s in args.schemes.split(",") if s]
     rows = list({r["scheme"]: r for r in rows if r["scheme"] not in measure}.values())
-    _, tok, folder = load_model(args.model, with_tokenizer=True)
-    tokens = eval_tokens(tok, load_eval_text(args.data))
+    folder = tokens = None
+    if measure:  # merging earlier runs (--include) needs no model
+        _, tok, folder = load_model(args.model, with_tokenizer=True)
+        tokens = eval_tokens(tok, load_eval_text(args.data))
     for name in measure:
         scheme = get_scheme(name)
         with tempfile.TemporaryDirectory() as tmp:
@@ -109,7 +114,9 @@ def save(rows, out, folder, args, tokens):
         r["meets_goal"] = None if goal is None or base is None else r["change_pct"] <= goal
     order = {s: i for i, s in enumerate(SCHEMES)}
     rows.sort(key=lambda r: (order.get(r["scheme"].split("+")[0], 99), r["scheme"]))
-    result = {"model": str(folder), "data": args.data, "tokens": int(tokens.numel()), "context": 512,
+    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    result = {"model": str(folder) if folder else previous.get("model"), "data": args.data,
+              "tokens": int(tokens.numel()) if tokens is not None else previous.get("tokens"), "context": 512,
               "calibration": f"brown:train, {CALIBRATION_SAMPLES} x {CALIBRATION_LENGTH} tokens",
               "torch_threads": torch.get_num_threads(), "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -141,8 +148,10 @@ def plot(rows, base, path):
         ax.annotate(r["scheme"], (mb, r["perplexity"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
     if base is not None:
         for label, ppl in PEERS:
-            ax.axhline(ppl, color="tab:red", lw=0.6, ls=":")
-            ax.annotate(label, (ax.get_xlim()[1], ppl), fontsize=7, color="tab:red", ha="right", va="bottom")
+            change = ppl / PEERS_REFERENCE - 1
+            ax.axhline(base * (1 + change), color="tab:red", lw=0.6, ls=":")
+            ax.annotate(f"{label}: {100 * change:+.1f}%", (ax.get_xlim()[1], base * (1 + change)), fontsize=7,
+                        color="tab:red", ha="right", va="bottom")
         ax.axhline(base, color="black", lw=0.6, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("weights file (MiB, log scale)")

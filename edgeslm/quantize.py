@@ -31,10 +31,10 @@ from .errors import EdgeSLMError
 from .qformat import fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, swap_modules
 
 DEFAULT_CALIBRATION = "brown:train"
-# 16 windows x 512 tokens (8,192 tokens): GPTQ over SmolLM2-135M's 30 layers is then about 6 CPU
-# minutes (two forward passes per layer dominate); the published GPTQ/AWQ recipes use 128 x 2048
-# on a GPU, which here would take over an hour.
-CALIBRATION_SAMPLES = 16
+# 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30 layers costs about three CPU
+# minutes (two forward passes per layer dominate); the published GPTQ/AWQ recipes use 128 x 2048 on
+# a GPU, which on this 2-core machine would take hours. --samples raises it.
+CALIBRATION_SAMPLES = 8
 CALIBRATION_LENGTH = 512
 CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/1"  # part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
