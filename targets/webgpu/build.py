@@ -204,7 +204,7 @@ def write_chat_config(out: Path, decoder, dtype: str, model_name: str, tokenizer
         "edgeslm": {
             "source": model_name,
             "compute_dtype": dtype,
-            "kv_cache": "grown tensor [layers, 2, kv_heads, past, head_dim], not MLC's paged cache",
+            "kv_cache": "tuple of per-layer tensors [2, kv_heads, past, head_dim], grown per call; not MLC's paged cache",
             "attn_softcap": s.attn_softcap,
             "final_softcap": s.final_softcap,
             "layer_is_local": list(s.layer_is_local),

@@ -10,8 +10,8 @@ packed tensors of qformat.py, mapped without re-quantizing (weights.py-style map
                 scales fp16 -> compute dtype (exact for f32); zeros uint8 -> compute dtype (exact)
   float linear  weight [N, K] in the compute dtype
 
-The KV cache is one tensor [layers, 2, kv_heads, past, head_dim] passed in and returned grown by
-the new tokens (the "static cache" route of the issue: no paged cache, no runtime state), so
+The KV cache is a tuple of one tensor [2, kv_heads, past, head_dim] per layer, passed in and
+returned grown by the new tokens (the "static cache" route of the issue: no paged cache, no runtime state), so
 `forward(tokens, cache)` serves prefill (T > 1) and decode (T == 1) alike, and
 `forward_first(tokens)` starts from an empty cache. Local layers keep every position and apply
 the window by position in the mask: the same function the reference's ring buffer computes.
@@ -271,12 +271,11 @@ class RelaxDecoder(nn.Module):
             h = h * nn.Tensor.from_const(np.array(s.embed_scale, dtype=self.dtype))
         layer_k = layer_v = [None] * s.num_layers
         if cache is not None:
-            per_layer = nn.op.split(cache, s.num_layers, axis=0) if s.num_layers > 1 else (cache,)
             layer_k, layer_v = [], []
-            for c in per_layer:
-                kc, vc = nn.op.split(c, 2, axis=1)
-                layer_k.append(nn.op.reshape(kc, kc.shape[2:]))
-                layer_v.append(nn.op.reshape(vc, vc.shape[2:]))
+            for c in cache:  # one [2, kv_heads, past, head_dim] tensor per layer
+                kc, vc = nn.op.split(c, 2, axis=0)
+                layer_k.append(nn.op.reshape(kc, kc.shape[1:]))
+                layer_v.append(nn.op.reshape(vc, vc.shape[1:]))
         first_cache = None if cache is None else layer_k[0]
         ropes = {}
         for key in self.rope_keys:
@@ -286,14 +285,13 @@ class RelaxDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             cos, sin = ropes[s.layer_rope[i]]
             h, k, v = layer(h, cos, sin, layer_k[i], layer_v[i])
-            new.append(nn.op.reshape(nn.op.concat([nn.op.reshape(k, (1, *k.shape)), nn.op.reshape(v, (1, *v.shape))], dim=0),
-                                     (1, 2, *k.shape)))
+            new.append(nn.op.concat([nn.op.reshape(k, (1, *k.shape)), nn.op.reshape(v, (1, *v.shape))], dim=0))
         h = self.norm(h)
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
         logits = head(h).astype("float32")
         if s.final_softcap is not None:
             logits = nn.op.tanh(logits / s.final_softcap) * s.final_softcap
-        return logits, nn.op.concat(new, dim=0) if len(new) > 1 else new[0]
+        return logits, tuple(new)
 
     def forward_first(self, tokens):
         return self._run(tokens, None)
@@ -303,7 +301,9 @@ class RelaxDecoder(nn.Module):
 
     def get_default_spec(self):
         s = self.spec
-        cache = nn.spec.Tensor([s.num_layers, 2, s.num_kv_heads, "past", s.head_dim], self.dtype)
+        # one tensor per layer, not one stacked tensor: stacking 30 layers fuses into a kernel with
+        # 31 storage buffers, over WebGPU's maxStorageBuffersPerShaderStage (8 by default)
+        cache = [nn.spec.Tensor([2, s.num_kv_heads, "past", s.head_dim], self.dtype) for _ in range(s.num_layers)]
         mode = {"param_mode": "packed", "effect_mode": "none"}
         return nn.spec.ModuleSpec.from_raw(
             {
