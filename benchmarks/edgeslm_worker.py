@@ -15,6 +15,14 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """VmHWM of this process: ru_maxrss would also count the parent's pages at fork (Linux keeps it across exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main():
     threads = sys.argv[2] if len(sys.argv) > 2 else "2"
     os.environ.setdefault("OMP_NUM_THREADS", threads)
@@ -24,7 +32,7 @@ def main():
     from edgeslm.artifact import read_manifest
     from edgeslm.targets.registry import get_target
 
-    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_base = peak_rss_mb()
     folder = sys.argv[1]
     manifest = read_manifest(folder)
     runner = get_target(manifest["target"]).load(folder, manifest)
@@ -52,7 +60,7 @@ def main():
                     last = runner.decode(nxt, prompt.shape[1] + step)
                 t2 = time.perf_counter()
                 answer({"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "peak_rss_mb": peak_rss_mb(),
                         "rss_before_load_mb": rss_base})
             elif req["op"] == "nll":
                 ids = torch.tensor([req["tokens"]], dtype=torch.long)

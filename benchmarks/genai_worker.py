@@ -14,11 +14,19 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """VmHWM of this process: ru_maxrss would also count the parent's pages at fork (Linux keeps it across exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main():
     import numpy as np
     import onnxruntime_genai as og
 
-    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_base = peak_rss_mb()
     model = og.Model(sys.argv[1])
 
     def answer(header):
@@ -48,7 +56,7 @@ def main():
                     tokens.append(int(gen.get_next_tokens()[0]))
                 t2 = time.perf_counter()
                 answer({"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens,
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "peak_rss_mb": peak_rss_mb(),
                         "rss_before_load_mb": rss_base})
             elif req["op"] == "nll":
                 tokens = [int(t) for t in req["tokens"]]

@@ -23,6 +23,14 @@ import sys
 import time
 
 
+def peak_rss_mb() -> float:
+    """VmHWM of this process: ru_maxrss would also count the parent's pages at fork (Linux keeps it across exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def main():
     path, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     kv = sys.argv[4] if len(sys.argv) > 4 else "f16"  # llama.cpp's default KV cache type is f16
@@ -32,7 +40,7 @@ def main():
     import llama_cpp
     import numpy as np
 
-    rss_base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_base = peak_rss_mb()
 
     kv_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv]
     llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
@@ -76,7 +84,7 @@ def main():
                     nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 t3 = time.perf_counter()
                 answer({"prefill_s": t1 - t0, "decode_s": t3 - t2, "tokens": tokens,
-                        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                        "peak_rss_mb": peak_rss_mb(),
                         "rss_before_load_mb": rss_base})
             elif op == "nll":
                 tokens = [int(t) for t in req["tokens"]]
