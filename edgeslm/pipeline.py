@@ -117,7 +117,7 @@ def run_deploy(recipe: Recipe, out: Path, progress: bool = True, log=print) -> d
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 
-    model_name = recipe.model
+    model_name = recipe.model or "smollm2-135m"
     if recipe.finetune:
         from .finetune import FinetuneConfig, finetune
 

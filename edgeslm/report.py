@@ -109,9 +109,9 @@ def render_html(report: dict) -> str:
         for c in report["checks"]:
             cls = " class='est'" if c.get("source") == "estimated" else ""
             parts.append(f"<tr{cls}><td>{e(c['target'])}</td><td>{e(c['device'])}</td><td>{e(c['metric'])}</td>"
-                         f"<td>{_fmt(c.get('value'))}{' ± ' + _fmt(c['spread']) if c.get('spread') else ''}</td>"
+                         f"<td>{_fmt(c.get('value'))}{' (p90 ' + _fmt(c['spread']) + ')' if c.get('spread') else ''}</td>"
                          f"<td>{_fmt(c.get('budget'))}</td><td>{_status(c.get('ok'))}</td>"
-                         f"<td>{e(str(c.get('source', '')))} {e(str(c.get('runner', '')))}</td></tr>")
+                         f"<td>{e(str(c.get('runner') or c.get('source', '')))}</td></tr>")
         parts.append("</table>")
     plot = latency_plot(report.get("checks") or [])
     if plot:

@@ -228,6 +228,12 @@ def verify_folder(folder, steps: int | None = None, ppl_count: int | None = None
                                manifest["context_length"], steps, ppl_count, progress, manifest["reference"])
     finally:
         runner.close()
+    # target-specific facts (Core ML ops/states/weight dtypes, WebGPU shaders...); a quantized Core ML
+    # package that still reads a float weight for a linear layer is a failure
+    result["inspect"] = target.inspect(folder, manifest)
+    if result["inspect"].get("quantized_float_weight_failure"):
+        result["failures"].append("a quantized package still holds float weights for linear layers")
+        result["passed"] = False
     result.update(folder=str(folder), target=manifest["target"], scheme=scheme.name, model=manifest.get("model"),
                   hashes_checked=len(manifest["files"]), artifact_bytes=sum(f["bytes"] for f in manifest["files"].values()))
     if manifest.get("parameters"):
@@ -264,6 +270,13 @@ def render(r: dict) -> str:
     if "bytes_per_parameter" in r:
         size += f" ({r['bytes_per_parameter']:.3f} B/param)"
     rows.append(["artifact size", size, ""])
+    for key, value in (r.get("inspect") or {}).items():
+        if isinstance(value, dict) and value and all(isinstance(v, int) for v in value.values()):
+            shown = ", ".join(f"{k} {human_bytes(v) if 'shader' in key or 'shard' in key else v}"
+                              for k, v in list(value.items())[:12])
+            rows.append([key, shown + (" ..." if len(value) > 12 else ""), ""])
+        elif isinstance(value, (str, int, float, bool)) and value is not None:
+            rows.append([key, fmt(value), ""])
     head = f"{r['folder']}: {r['target']} / {r['scheme']} / {r.get('model')}"
     verdict = "PASS" if r["passed"] else "FAIL: " + "; ".join(r["failures"])
     return head + "\n" + table(rows, ["check", "value", "bound"]) + "\n" + verdict
