@@ -71,17 +71,24 @@ def brown_text(split: str) -> str:
     return "\n\n".join(brown_documents(split))
 
 
-def read_text_file(path) -> str:
-    """A plain text file, or the text fields of a JSONL file (see finetune for chat records)."""
+def read_utf8(path, what: str = "text file") -> str:
+    """A user's text file as a string; missing, non-UTF-8 or empty files are one-line errors."""
     path = Path(path)
     if not path.is_file():
-        raise EdgeSLMError(f"no such text file: {path}")
+        raise EdgeSLMError(f"no such {what}: {path}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise EdgeSLMError(f"{path} is not UTF-8 text") from None
     if not text.strip():
         raise EdgeSLMError(f"{path} is empty")
+    return text
+
+
+def read_text_file(path) -> str:
+    """A plain text file, or the text fields of a JSONL file (see finetune for chat records)."""
+    path = Path(path)
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         import json
 

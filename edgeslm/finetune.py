@@ -70,15 +70,10 @@ def _chat(tokenizer, messages, add_generation_prompt=False) -> str:
 
 def load_examples(path, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """A .txt or .jsonl file -> (input ids, labels) lists, each at most seq_len long."""
+    from .data import read_utf8
+
     path = Path(path)
-    if not path.is_file():
-        raise EdgeSLMError(f"no such data file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise EdgeSLMError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise EdgeSLMError(f"{path} is empty")
+    text = read_utf8(path, "data file")
     eos = tokenizer.eos_token_id
     examples = []
     if path.suffix != ".jsonl":

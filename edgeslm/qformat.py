@@ -166,6 +166,19 @@ def swap_modules(model, scheme) -> list[str]:
     return swapped
 
 
+def map_int4_modules(model, linear_fn, embedding_fn):
+    """Replaces each Int4Linear by linear_fn(module) and an Int4Embedding by embedding_fn(module),
+    in place: how a target swaps in modules its exporter can trace, over the same tensors."""
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, Int4Embedding):
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, embedding_fn(mod))
+        elif isinstance(mod, Int4Linear):
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, linear_fn(mod))
+    return model
+
+
 def _parent(model, dotted: str):
     *path, attr = dotted.split(".")
     parent = model

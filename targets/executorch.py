@@ -90,15 +90,9 @@ class EtInt4Embedding(nn.Module):
 
 
 def et_ready(model):
-    from ..qformat import Int4Embedding, Int4Linear
+    from ..qformat import map_int4_modules
 
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Int4Embedding):
-            model.embed_tokens = EtInt4Embedding(mod)
-        elif isinstance(mod, Int4Linear):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], EtInt4Linear(mod))
-    return model
+    return map_int4_modules(model, EtInt4Linear, EtInt4Embedding)
 
 
 # ---------------------------------------------------------------- the program's methods

@@ -105,15 +105,9 @@ class OnnxInt4Embedding(OnnxInt4Linear):
 
 def onnx_ready(model):
     """Swaps int4 modules for the traceable ones above (in place). Int8 is not mapped yet."""
-    from ..qformat import Int4Embedding, Int4Linear
+    from ..qformat import map_int4_modules
 
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, Int4Embedding):
-            model.embed_tokens = OnnxInt4Embedding(mod)
-        elif isinstance(mod, Int4Linear):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], OnnxInt4Linear(mod))
-    return model
+    return map_int4_modules(model, OnnxInt4Linear, OnnxInt4Embedding)
 
 
 class _Step(nn.Module):
