@@ -85,22 +85,30 @@ def read_utf8(path, what: str = "text file") -> str:
     return text
 
 
+def jsonl_records(path, text: str):
+    """(line number, object) for each non-blank line of a JSONL text; bad lines are one-line errors."""
+    import json
+
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgeSLMError(f"{path}:{n} is not valid JSON ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise EdgeSLMError(f"{path}:{n} is not a JSON object")
+        yield n, record
+
+
 def read_text_file(path) -> str:
     """A plain text file, or the text fields of a JSONL file (see finetune for chat records)."""
     path = Path(path)
     text = read_utf8(path)
     if path.suffix == ".jsonl":
-        import json
-
         lines = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgeSLMError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-            value = record.get("text") if isinstance(record, dict) else None
+        for n, record in jsonl_records(path, text):
+            value = record.get("text")
             if not isinstance(value, str):
                 raise EdgeSLMError(f"{path}:{n} has no string 'text' field")
             lines.append(value)

@@ -70,7 +70,7 @@ def _chat(tokenizer, messages, add_generation_prompt=False) -> str:
 
 def load_examples(path, tokenizer, seq_len: int) -> list[tuple[list[int], list[int]]]:
     """A .txt or .jsonl file -> (input ids, labels) lists, each at most seq_len long."""
-    from .data import read_utf8
+    from .data import jsonl_records, read_utf8
 
     path = Path(path)
     text = read_utf8(path, "data file")
@@ -86,15 +86,7 @@ def load_examples(path, tokenizer, seq_len: int) -> list[tuple[list[int], list[i
             if len(chunk) > 1:
                 examples.append((chunk, list(chunk)))
         return examples
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EdgeSLMError(f"{path}:{n} is not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise EdgeSLMError(f"{path}:{n} is not a JSON object")
+    for n, record in jsonl_records(path, text):
         if isinstance(record.get("messages"), list):
             msgs = record["messages"]
             if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
