@@ -29,7 +29,7 @@ def main():
     args = ap.parse_args()
 
     from edgeslm.artifact import read_manifest
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
     from edgeslm.cli.main import quiet_third_party_noise
     from edgeslm.targets.registry import get_target
     from edgeslm.verify import render, verify_folder

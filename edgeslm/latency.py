@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -370,3 +371,48 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     json.dump(out, sys.stdout)
+
+
+def figures_for(folder, manifest, profile, prompt_tokens: int, decode_tokens: int, runs: int, warmup: int,
+                batch: int = 1) -> list[dict]:
+    """Every result for one artifact on one device: one per measured runner, else one estimate."""
+    from .devices import artifact_facts, estimate
+
+    target = manifest["target"]
+    if target not in profile.targets:
+        return [{"runner": "none", "measured": False, "error": f"{target} artifacts do not run on {profile.name} "
+                 f"(its targets: {', '.join(profile.targets)})", "figures": {}}]
+    runners, why_not = runners_for(profile, manifest)
+    results = []
+    for runner in runners if batch == 1 else []:
+        try:
+            results.append(measure(runner, folder, manifest, prompt_tokens, decode_tokens, runs, warmup))
+        except (RuntimeError, OSError) as e:
+            results.append({"runner": runner, "measured": True, "error": f"{runner} runner failed: {e}", "figures": {}})
+    if not results:
+        est = estimate(profile, artifact_facts(folder, manifest), prompt_tokens, decode_tokens, batch)
+        note = why_not or ("measured runners are batch 1 (the static KV cache)" if batch > 1 else None)
+        size = sum(int(f["bytes"]) for f in manifest.get("files", {}).values())
+        results.append({"runner": "estimated (roofline)", "measured": False, "note": note, "basis": est["basis"],
+                        "figures": {**{k: {"value": est[k]} for k in ("ttft_ms", "decode_tok_s", "peak_memory_mb")},
+                                    "artifact_mb": {"value": size / 1e6}}})
+    return results
+
+
+def judge(result: dict, budgets: dict) -> list[dict]:
+    """One row per budgeted figure; a measured figure is judged on its median."""
+    from .devices import BUDGETS
+
+    if result.get("error"):
+        return [{"figure": "runs", "value": None, "budget": None, "pass": False, "why": result["error"]}]
+    rows = []
+    for key, (direction, unit, _) in BUDGETS.items():
+        fig = result["figures"].get(key)
+        if fig is None or key not in budgets:
+            continue
+        value = fig.get("median", fig.get("value"))
+        ok = value is not None and not math.isnan(value) and (
+            value <= budgets[key] if direction == "max" else value >= budgets[key])
+        rows.append({"figure": key, "unit": unit, "value": value, "p90": fig.get("p90"), "budget": budgets[key],
+                     "direction": direction, "pass": bool(ok)})
+    return rows

@@ -25,7 +25,6 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from .errors import CheckFailed, EdgeSLMError
 
@@ -107,9 +106,10 @@ def _cached_manifest(folder: Path, reference: str, scheme: str, context: int) ->
 def run_deploy(recipe: Recipe, out: Path, progress: bool = True, log=print) -> dict:
     """Runs every step; returns the report dict (also written as report.json / report.html)."""
     from .artifact import tool_versions
-    from .cli.check import figures_for, judge
-    from .cli.export import export_artifact
+    from .artifact import read_manifest
     from .devices import budgets_for, get_profile, load_budget_file
+    from .export import export_artifact
+    from .latency import figures_for, judge
     from .quantize import reference_folder
     from .report import render_html
     from .schemes import get_scheme
@@ -162,8 +162,6 @@ def run_deploy(recipe: Recipe, out: Path, progress: bool = True, log=print) -> d
                 manifest = export_artifact(model_name, name, scheme.name, folder, force=True,
                                            context=recipe.context, progress=progress)
         except CheckFailed as e:  # written, but a parity bound failed: keep going, report it
-            from .artifact import read_manifest
-
             manifest = read_manifest(folder)
             row["reason"] = str(e)
         except EdgeSLMError as e:
@@ -178,18 +176,16 @@ def run_deploy(recipe: Recipe, out: Path, progress: bool = True, log=print) -> d
         target_rows.append(row)
 
     checks = []
-    args = SimpleNamespace(decode_tokens=32, runs=3, warmup=1)
+    timing = {"decode_tokens": 32, "runs": 3, "warmup": 1}
     for row in target_rows:
         if row.get("ok") is None:
             continue
-        from .artifact import read_manifest
-
         folder = Path(row["dir"])
         manifest = read_manifest(folder)
         for profile in profiles:
             budgets = budgets_for(profile, overrides)
             log(f"[deploy] check {row['target']} on {profile.name}")
-            for result in figures_for(folder, manifest, profile, int(budgets["prompt_tokens"]), args):
+            for result in figures_for(folder, manifest, profile, int(budgets["prompt_tokens"]), **timing):
                 for c in judge(result, budgets):
                     checks.append({"target": row["target"], "device": profile.name, "metric": c["figure"],
                                    "value": c["value"], "spread": c.get("p90"), "budget": c["budget"],

@@ -60,10 +60,13 @@ class Runner:
                 last = self.decode(nxt, prompt.shape[1] + step)
         return torch.tensor(tokens), torch.stack(logits)
 
+    score_chunk: int | None = None  # tokens per prefill call in score(); None = the whole window at once
+
     def score(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [1, T] -> logits [1, T, V], from an empty cache (perplexity windows)."""
         self.reset()
-        return self.prefill(ids, 0)
+        step = self.score_chunk or ids.shape[1]
+        return torch.cat([self.prefill(ids[:, i : i + step], i) for i in range(0, ids.shape[1], step)], dim=1)
 
     def close(self):
         pass

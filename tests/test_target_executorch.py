@@ -25,9 +25,37 @@ def test_torchao_weight_is_our_int4():
     torch.manual_seed(0)
     m = Int4Linear(64, 48, 32, True, bias=False)
     fill_int4(m, *int4_grid_rtn(torch.randn(48, 64), 32, True))
-    w = torchao_int4_weight(m)
+    w = torchao_int4_weight(m, torch.arange(2))
     assert torch.equal(w.dequantize(), m.dequantized())
     assert int(w.qdata.min()) >= -8 and int(w.qdata.max()) <= 7
+    second = torchao_int4_weight(m, torch.tensor([1]))  # one input group: columns 32..63
+    assert torch.equal(second.dequantize(), m.dequantized()[:, 32:])
+
+
+def test_range_bins_split_large_inputs_from_small():
+    """Input groups within RANGE_RATIO (8x) share an int8 range; at most MAX_SLICES (3) bins."""
+    from edgeslm.targets.executorch import range_bins
+
+    bins = range_bins(torch.tensor([100.0, 90.0, 10.0, 1.0, 0.01, 50.0]))
+    assert [b.tolist() for b in bins] == [[0, 1, 5], [2], [3, 4]]
+    assert [b.tolist() for b in range_bins(torch.tensor([3.0, 2.0]))] == [[0, 1]]
+
+
+def test_sliced_linear_sums_its_slices():
+    """A linear split by input-group bins computes the unsplit function (checked without the
+    dynamic activation quantization, which is what the split changes)."""
+    from edgeslm.qformat import Int4Linear, fill_int4, int4_grid_rtn
+    from edgeslm.targets.executorch import EtInt4Linear
+
+    torch.manual_seed(0)
+    m = Int4Linear(96, 16, 32, True, bias=True)
+    fill_int4(m, *int4_grid_rtn(torch.randn(16, 96), 32, True))
+    m.bias.data.normal_()
+    sliced = EtInt4Linear(m, [torch.tensor([0, 2]), torch.tensor([1])])
+    x = torch.randn(3, 96)
+    y = sum(x.index_select(-1, getattr(sliced, f"channels_{i}")) @ getattr(sliced, f"weight_{i}").dequantize().T
+            for i in range(sliced.slices)) + m.bias
+    torch.testing.assert_close(y, x @ m.dequantized().T + m.bias, rtol=1e-5, atol=1e-5)
 
 
 def test_remainder_of_negative_ring_positions():
@@ -43,7 +71,7 @@ def test_remainder_of_negative_ring_positions():
     strict=True, reason="known, open: the tiny Gemma 2 8da4w program lowers but XNNPACK refuses it at load "
     "(XNNCompiler: Failed to define tensor ... xnn_status_invalid_parameter); SmolLM2-135M int4 loads and runs"))])
 def test_executorch_parity(tiny, scheme):
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
 
     tmp, folder = tiny
     out = tmp / f"et-{scheme}"

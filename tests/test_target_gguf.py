@@ -153,7 +153,7 @@ def test_llama_cpp_quantized_matches_reference(tmp_path, family, scheme_name):
 @needs_llama_cpp
 def test_smollm2_q4_0_in_llama_cpp(tmp_path):
     """The real model: our q4g32-rtn checkpoint as Q4_0, run by llama.cpp, against the reference."""
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
     from edgeslm.data import load_eval_text
     from edgeslm.loading import load_model
     from edgeslm.model import generate_greedy

@@ -22,7 +22,7 @@ def test_int4_matmulnbits_parity(tiny, scheme):
     import onnx
     from onnx import numpy_helper
 
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
     from edgeslm.loading import load_model
 
     tmp, folder = tiny
@@ -55,7 +55,7 @@ def test_int4_matmulnbits_parity(tiny, scheme):
 
 def test_runner_measure_speed(tiny):
     from edgeslm.artifact import read_manifest
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
     from edgeslm.targets.registry import get_target
 
     tmp, folder = tiny

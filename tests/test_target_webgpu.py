@@ -38,7 +38,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("webgpu")
     isolated_cache(tmp, mp)
     folder = tiny_model_folder(tmp / "tiny-gemma2", "gemma2")
-    from edgeslm.cli.export import export_artifact
+    from edgeslm.export import export_artifact
 
     out = tmp / "webgpu-f32"
     manifest = export_artifact(folder, "webgpu", "f32", out, context=128, progress=False)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import EdgeSLMError
-from .check import add_common_arguments, check_counts, figures_for, fmt, open_artifacts
+from ..latency import figures_for
+from .check import add_common_arguments, check_counts, fmt, open_artifacts
 from .common import add_json_argument, emit, table
 
 HELP = "time artifacts on devices over a sweep of prompt lengths and batch sizes (no budgets)"
@@ -55,7 +56,7 @@ def run(args) -> int:
     sweep = [(a, p, c, b) for a in artifacts for p in profiles for c in contexts for b in batches]
     results = []
     for (folder, manifest), profile, ctx, batch in tqdm(sweep, desc="bench", unit="point"):
-        found = figures_for(folder, manifest, profile, ctx, args, batch)
+        found = figures_for(folder, manifest, profile, ctx, args.decode_tokens, args.runs, args.warmup, batch)
         if args.estimate and any(r["measured"] for r in found) and manifest["target"] in profile.targets:
             est = estimate(profile, artifact_facts(folder, manifest), ctx, args.decode_tokens, batch)
             found.append({"runner": "estimated (roofline)", "measured": False, "basis": est["basis"],

@@ -113,6 +113,10 @@ def serve(folder: Path):
 class BrowserRunner(Runner):
     """One Chromium page holding the loaded artifact; prefill/decode go through it."""
 
+    # SwiftShader runs SmolLM2-135M at ~1 s per prefill token on 2 cores: a 512-token perplexity
+    # window in one call would outlast the per-call timeout, so score() feeds it in chunks
+    score_chunk = 64
+
     def __init__(self, folder: Path, timeout_s: float = 600.0):
         problem = missing_parts()
         if problem:

@@ -1,0 +1,68 @@
+"""The whole export of one target: reference checkpoint -> artifact folder + manifest, verified.
+
+Used by `edgeslm export`, `edgeslm deploy` and the target tests; bad input raises EdgeSLMError
+before anything is written, and the folder appears only when complete (artifact.atomic_folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, force=False, context=512,
+                    prefill_chunk=64, steps=None, verify=True, progress=True) -> dict:
+    """The whole export; returns the manifest. Raises EdgeSLMError on bad input before writing anything."""
+    import torch
+
+    from .artifact import atomic_folder, write_manifest
+    from .errors import CheckFailed, EdgeSLMError
+    from .loading import load_model, load_tokenizer
+    from .model import count_parameters
+    from .quantize import reference_folder
+    from .schemes import get_scheme
+    from .targets.base import ExportContext
+    from .targets.registry import get_target
+    from .verify import verify_folder
+
+    target = get_target(target_name)
+    scheme = get_scheme(scheme_name)
+    out = Path(out)
+    if out.exists() and not force:
+        raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
+    if context < 16 or prefill_chunk < 1:
+        raise EdgeSLMError("--context must be at least 16 and --prefill-chunk at least 1")
+    reason = target.unavailable_reason()
+    if reason:
+        raise EdgeSLMError(f"target {target.name} is not available here: {reason}")
+    ref = reference_folder(model_name, scheme, progress=progress)
+    model, _, _ = load_model(ref, with_tokenizer=False)
+    try:
+        tok = load_tokenizer(ref)
+    except EdgeSLMError:
+        tok = None
+    reason = target.unsupported_reason(model, scheme)
+    if reason:
+        raise EdgeSLMError(reason)
+    parameters = count_parameters(model) + sum(b.numel() * (2 if b.dtype == torch.uint8 and "qweight" in n else 1)
+                                               for n, b in model.named_buffers() if "qweight" in n)
+    ctx = ExportContext(model_name=str(model_name), reference=str(ref.resolve()), context_length=context,
+                        prefill_chunk=prefill_chunk, tokenizer=tok)
+    with atomic_folder(out, force=force) as tmp:
+        with torch.no_grad():
+            fields = target.export(model, scheme, tmp, ctx)
+        if tok is not None:
+            tok.save_pretrained(str(tmp / "tokenizer"))
+        base = {"model": str(model_name), "scheme": scheme.name, "target": target.name,
+                "context_length": context, "reference": str(ref.resolve()), "parameters": parameters,
+                "architecture": model.spec.family if hasattr(model.spec, "family") else None, **fields}
+        manifest = write_manifest(tmp, base)
+        if verify:
+            result = verify_folder(tmp, steps=steps, progress=progress, manifest=manifest, raise_on_failure=False)
+            result["folder"] = str(out)
+            base["parity"] = result
+        else:
+            base["parity"] = None
+        manifest = write_manifest(tmp, base)
+    if verify and not manifest["parity"]["passed"]:
+        raise CheckFailed(f"wrote {out}, but it fails its parity bounds: " + "; ".join(manifest["parity"]["failures"]))
+    return manifest
