@@ -92,6 +92,16 @@ class Int8Embedding(Int8Linear):
 # ---------------------------------------------------------------- round-to-nearest grids
 
 
+def scale_grid(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as fp16 values that bf16 holds exactly too (8 significant bits).
+
+    XNNPACK (the ExecuTorch target) stores blockwise int4 scales as bf16, every other runtime as
+    fp16 or wider: on this grid all of them multiply the codes by the same numbers, so the int4
+    weights are bit-identical everywhere. (A bf16 value under 2**-17 may round once more to an
+    fp16 subnormal, which then has at most 8 significant bits: still exact in bf16.)"""
+    return scale.float().to(torch.bfloat16).to(torch.float16)
+
+
 def int4_grid_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
     """Float [N, K] -> (codes uint8 [N, K], scales fp16 [N, K/G], zeros uint8 [N, K/G] | None).
 
@@ -103,12 +113,12 @@ def int4_grid_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
         raise EdgeSLMError(f"group size {group_size} does not divide K = {k}")
     g = w.float().view(n, k // group_size, group_size)
     if symmetric:
-        scale = (g.abs().amax(-1) / 7.5).clamp_min(1e-10).half()
+        scale = scale_grid((g.abs().amax(-1) / 7.5).clamp_min(1e-10))
         codes = torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8
         zeros = None
     else:
         lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)
-        scale = ((hi - lo) / 15).clamp_min(1e-10).half()
+        scale = scale_grid(((hi - lo) / 15).clamp_min(1e-10))
         zeros = torch.round(-lo / scale.float()).clamp(0, 15)
         codes = torch.round(g / scale.float()[..., None] + zeros[..., None]).clamp(0, 15)
         zeros = zeros.to(torch.uint8)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
-from .qformat import fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, swap_modules
+from .qformat import fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, scale_grid, swap_modules
 
 DEFAULT_CALIBRATION = "brown:train"
 # 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30 layers costs about three CPU
@@ -37,6 +37,7 @@ DEFAULT_CALIBRATION = "brown:train"
 CALIBRATION_SAMPLES = 8
 CALIBRATION_LENGTH = 512
 CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/1"  # part of reference_folder's cache key
+SCALE_GRID = "scales fp16 and bf16-exact"  # qformat.scale_grid; part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
 AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
 AWQ_TOKENS = 1024  # tokens the AWQ scale search evaluates (a subsample of the calibration set)
@@ -117,10 +118,10 @@ def _group_params(w, group_size, symmetric, ratio):
     n, k = w.shape
     g = w.view(n, k // group_size, group_size)
     if symmetric:
-        scale = (g.abs().amax(-1) * ratio / 7.5).clamp_min(1e-10).half().float()
+        scale = scale_grid((g.abs().amax(-1) * ratio / 7.5).clamp_min(1e-10)).float()
         return scale, torch.full_like(scale, 8.0)
     lo, hi = g.amin(-1).clamp_max(0) * ratio, g.amax(-1).clamp_min(0) * ratio
-    scale = ((hi - lo) / 15).clamp_min(1e-10).half().float()
+    scale = scale_grid(((hi - lo) / 15).clamp_min(1e-10)).float()
     return scale, torch.round(-lo / scale).clamp(0, 15)
 
 
@@ -430,6 +431,7 @@ def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIB
         st = f.stat()
         h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(calibration_source.encode())
+    h.update(SCALE_GRID.encode())  # results cached before the bf16-exact scale grid are not reused
     if scheme.needs_calibration:  # a changed GPTQ/AWQ recipe must not reuse an older cached result
         h.update(f"{CALIBRATED_RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}".encode())
     target = cache_dir() / "quantized" / f"{folder.name}-{h.hexdigest()[:12]}-{scheme.name}"
