@@ -52,7 +52,7 @@ class WebGPUTarget(Target):
 
         dtype = self.compute_dtype(scheme, ctx)
         facts = build_webgpu(model.float().eval() if dtype == "float32" else model.eval(), Path(out), dtype,
-                             ctx.model_name)
+                             ctx.model_name, ctx.context_length)
         return {"webgpu": facts, "compute_dtype": dtype}
 
     def load(self, folder: Path, manifest: dict) -> Runner:

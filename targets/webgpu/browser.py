@@ -124,6 +124,7 @@ class BrowserRunner(Runner):
         self.folder = Path(folder)
         meta = json.loads((self.folder / "webgpu.json").read_text())
         self.vocab = meta["vocab_size"]
+        self.context = meta.get("context_length")
         self.timeout_s = timeout_s
         self.server, url = serve(self.folder)
         self.profile = tempfile.mkdtemp(prefix="edgeslm-chromium-")
@@ -198,10 +199,15 @@ class BrowserRunner(Runner):
         self._call("reset")
         self.past = 0
 
+    def _check_room(self, end: int):
+        if self.context is not None and end > self.context:
+            raise EdgeSLMError(f"webgpu runner: position {end - 1} is past the artifact's context ({self.context})")
+
     def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         if start == 0 and self.past:
             self.reset()
         ids = [int(t) for t in tokens.reshape(-1)]
+        self._check_room(start + len(ids))
         msg = self._call("prefill", ids, int(start))
         self.past = start + len(ids)
         return self._logits(msg["logits"], len(ids)).unsqueeze(0)
@@ -209,12 +215,14 @@ class BrowserRunner(Runner):
     def decode(self, token: int, pos: int) -> torch.Tensor:
         if pos != self.past:
             raise EdgeSLMError(f"webgpu runner: decode at {pos} but the cache holds {self.past} tokens")
+        self._check_room(pos + 1)
         msg = self._call("prefill", [int(token)], int(pos))
         self.past = pos + 1
         return self._logits(msg["logits"], 1)[0]
 
     def generate_greedy(self, prompt: torch.Tensor, steps: int):
         """The whole greedy loop inside the page (one round trip); timings in self.last_timings."""
+        self._check_room(prompt.shape[1] + steps - 1)
         msg = self._call("generate", [int(t) for t in prompt.reshape(-1)], int(steps))
         self.past = prompt.shape[1] + steps - 1
         decode = msg["decode_ms"]

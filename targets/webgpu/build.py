@@ -40,19 +40,19 @@ def quant_of(decoder) -> dict | None:
     return {"group_size": groups.pop(), "symmetric": sym.pop()}
 
 
-def relax_module(decoder, dtype: str):
-    model = RelaxDecoder(decoder.spec, decoder.rope_scaling, quant_of(decoder), dtype)
+def relax_module(decoder, dtype: str, context: int = 512):
+    model = RelaxDecoder(decoder.spec, decoder.rope_scaling, quant_of(decoder), dtype, context)
     mod, named = model.export_tvm(spec=model.get_default_spec())
     names = [n for n, _ in named]
-    return mod, names, export_params(decoder, names, dtype)
+    return mod, names, export_params(decoder, names, dtype, context)
 
 
-def compile_cpu(decoder, dtype: str = "float32"):
+def compile_cpu(decoder, dtype: str = "float32", context: int = 512):
     """The same module built for the host CPU (llvm): a fast numeric check without a browser."""
     import tvm
     from tvm import relax
 
-    mod, names, params = relax_module(decoder, dtype)
+    mod, names, params = relax_module(decoder, dtype, context)
     ex = tvm.compile(mod, tvm.target.Target("llvm"))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm, [tvm.runtime.tensor(params[n]) for n in names]
@@ -87,7 +87,8 @@ def _split_kernels(src: str):
     return [(m.group(1), src[m.start():end]) for m, end in zip(marks, ends)]
 
 
-def build_webgpu(decoder, out: Path, dtype: str, model_name: str, tokenizer=None, progress: bool = True) -> dict:
+def build_webgpu(decoder, out: Path, dtype: str, model_name: str, context: int, tokenizer=None,
+                 progress: bool = True) -> dict:
     import tvm
     from tvm.contrib import tvmjs
 
@@ -95,7 +96,7 @@ def build_webgpu(decoder, out: Path, dtype: str, model_name: str, tokenizer=None
 
     emcc_path()
     runtime_libs(progress=progress)
-    mod, names, params = relax_module(decoder, dtype)
+    mod, names, params = relax_module(decoder, dtype, context)
     target = tvm.target.Target("webgpu", host=WASM_HOST)
     ex = _relax_build(mod, target)
 
@@ -137,11 +138,12 @@ def build_webgpu(decoder, out: Path, dtype: str, model_name: str, tokenizer=None
         "features": ["shader-f16"] if dtype == "float16" else [],
         "cache": {"layers": s.num_layers, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim},
         "vocab_size": s.vocab_size,
+        "context_length": context,  # the rope tables' length: positions past it are refused
         "functions": {"first": "forward_first", "step": "forward"},
         "largest_buffer_bytes": int(largest),
     }
     (out / "webgpu.json").write_text(json.dumps(page, indent=2))
-    write_chat_config(out, decoder, dtype, model_name, tokenizer)
+    write_chat_config(out, decoder, dtype, model_name, context, tokenizer)
     return {"compute_dtype": dtype, "shaders": len(shaders), "largest_buffer_bytes": int(largest)}
 
 
@@ -183,7 +185,7 @@ def _relax_build(mod, target):
     return relax.build(mod, target, relax_pipeline=gpu_pipeline(target), system_lib=True)
 
 
-def write_chat_config(out: Path, decoder, dtype: str, model_name: str, tokenizer):
+def write_chat_config(out: Path, decoder, dtype: str, model_name: str, context: int, tokenizer):
     s = decoder.spec
     hf = getattr(decoder, "hf_config", None)
     quant = quant_of(decoder)
@@ -193,7 +195,7 @@ def write_chat_config(out: Path, decoder, dtype: str, model_name: str, tokenizer
         "quantization": qname,
         "model_config": hf.to_dict() if hf is not None else {},
         "vocab_size": s.vocab_size,
-        "context_window_size": s.max_position,
+        "context_window_size": context,
         "sliding_window_size": s.sliding_window or -1,
         "prefill_chunk_size": 0,
         "tensor_parallel_shards": 1,

@@ -187,20 +187,19 @@ def rope(x, cos, sin, rotary_dim):
     return nn.op.tensor_expr_op(compute, "rope", [x, cos, sin])
 
 
-def rope_tables(inv_freq, scaling: float, positions_from, t, rotary_dim: int, dtype: str):
-    """cos/sin [T, rotary_dim] for positions past..past+T-1, past = positions_from's length - T."""
+def rope_tables(cos_table, sin_table, positions_from, t, rotary_dim: int, dtype: str):
+    """cos/sin [T, rotary_dim] for positions past..past+T-1 (past = positions_from's length - T),
+    read from tables the CPU computed with the reference's own code: WGSL's sin/cos may be as
+    coarse as 2**-11 absolute (and SwiftShader's were, 3.7e-3 on SmolLM2's logits), the tables
+    make them exact."""
 
-    def compute(inv, *shape_src):
-        def angle(i, j):
-            past = shape_src[0].shape[1] if shape_src else 0
-            pos = tir.Cast("float32", past + i)
-            return pos * inv[j % (rotary_dim // 2)]
-
-        cos = te.compute((t, rotary_dim), lambda i, j: tir.Cast(dtype, te.cos(angle(i, j)) * scaling), name="cos")
-        sin = te.compute((t, rotary_dim), lambda i, j: tir.Cast(dtype, te.sin(angle(i, j)) * scaling), name="sin")
+    def compute(cos_t, sin_t, *shape_src):
+        past = shape_src[0].shape[1] if shape_src else 0
+        cos = te.compute((t, rotary_dim), lambda i, j: tir.Cast(dtype, cos_t[past + i, j]), name="cos")
+        sin = te.compute((t, rotary_dim), lambda i, j: tir.Cast(dtype, sin_t[past + i, j]), name="sin")
         return cos, sin
 
-    args = [inv_freq] + ([positions_from] if positions_from is not None else [])
+    args = [cos_table, sin_table] + ([positions_from] if positions_from is not None else [])
     return nn.op.tensor_expr_op(compute, "rope_table", args)
 
 
@@ -245,7 +244,8 @@ class Block(nn.Module):
 class RelaxDecoder(nn.Module):
     """quant: None (float weights) or {"group_size", "symmetric"} for int4 packed weights."""
 
-    def __init__(self, spec: DecoderSpec, rope_scaling: dict[str, float], quant, dtype: str = "float32"):
+    def __init__(self, spec: DecoderSpec, rope_scaling: dict[str, float], quant, dtype: str = "float32",
+                 context: int = 512):
         if dtype not in COMPUTE_DTYPES:
             raise EdgeSLMError(f"webgpu compute dtype must be one of {COMPUTE_DTYPES}, not {dtype}")
         self.spec, self.dtype, self.quant = spec, dtype, quant
@@ -258,9 +258,9 @@ class RelaxDecoder(nn.Module):
         self.layers = nn.ModuleList([Block(spec, i, quant, dtype) for i in range(spec.num_layers)])
         self.norm = Norm(spec.norm, spec.hidden_size, spec.norm_eps, dtype)
         self.lm_head = None if spec.tie_embeddings else make_linear(spec.hidden_size, spec.vocab_size, False, quant, dtype)
-        half = spec.rotary_dim // 2
-        for key in self.rope_keys:
-            setattr(self, f"inv_freq_{key}", nn.Parameter((half,), "float32"))
+        for key in self.rope_keys:  # positions 0..context-1 (export_params fills them)
+            setattr(self, f"rope_cos_{key}", nn.Parameter((context, spec.rotary_dim), "float32"))
+            setattr(self, f"rope_sin_{key}", nn.Parameter((context, spec.rotary_dim), "float32"))
 
     def _run(self, tokens, cache):
         s = self.spec
@@ -279,8 +279,8 @@ class RelaxDecoder(nn.Module):
         first_cache = None if cache is None else layer_k[0]
         ropes = {}
         for key in self.rope_keys:
-            ropes[key] = rope_tables(getattr(self, f"inv_freq_{key}"), self.rope_scaling[key], first_cache, t,
-                                     s.rotary_dim, self.dtype)
+            ropes[key] = rope_tables(getattr(self, f"rope_cos_{key}"), getattr(self, f"rope_sin_{key}"), first_cache,
+                                     t, s.rotary_dim, self.dtype)
         new = []
         for i, layer in enumerate(self.layers):
             cos, sin = ropes[s.layer_rope[i]]
@@ -314,11 +314,12 @@ class RelaxDecoder(nn.Module):
         )
 
 
-def export_params(decoder, relax_names: list[str], dtype: str) -> dict[str, np.ndarray]:
+def export_params(decoder, relax_names: list[str], dtype: str, context: int = 512) -> dict[str, np.ndarray]:
     """Our Decoder's tensors under the Relax module's parameter names, in the layouts above."""
     state = {k: v for k, v in decoder.state_dict().items()}
     for key in decoder.rope_scaling:
-        state[f"inv_freq_{key}"] = getattr(decoder, f"inv_freq_{key}")
+        cos, sin = decoder.rope(key, torch.arange(context), torch.float32)
+        state[f"rope_cos_{key}"], state[f"rope_sin_{key}"] = cos, sin
     out = {}
     np_dtype = np.float16 if dtype == "float16" else np.float32
     for name in relax_names:
@@ -329,7 +330,7 @@ def export_params(decoder, relax_names: list[str], dtype: str) -> dict[str, np.n
             if t.dtype != torch.uint8:
                 raise EdgeSLMError(f"webgpu export: {name} is {t.dtype}; only int4 (uint8-packed) weights map to WGSL")
             out[name] = t.numpy().view("<u4")  # the same bytes, four at a time
-        elif name.startswith("inv_freq_"):
+        elif name.startswith("rope_"):  # tables stay f32: the shader casts after the lookup
             out[name] = t.float().numpy()
         else:
             out[name] = t.float().numpy().astype(np_dtype)
