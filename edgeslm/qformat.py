@@ -98,8 +98,9 @@ def scale_grid(scale: torch.Tensor) -> torch.Tensor:
     XNNPACK (the ExecuTorch target) stores blockwise int4 scales as bf16, every other runtime as
     fp16 or wider: on this grid all of them multiply the codes by the same numbers, so the int4
     weights are bit-identical everywhere. (A bf16 value under 2**-17 may round once more to an
-    fp16 subnormal, which then has at most 8 significant bits: still exact in bf16.)"""
-    return scale.float().to(torch.bfloat16).to(torch.float16)
+    fp16 subnormal, which then has at most 8 significant bits: still exact in bf16.) An all-zero
+    group gets the smallest fp16 scale, not 0, which XNNPACK rejects at load."""
+    return scale.float().to(torch.bfloat16).to(torch.float16).clamp_min(2**-24)  # never 0: XNNPACK refuses it
 
 
 def int4_grid_rtn(w: torch.Tensor, group_size: int, symmetric: bool):

@@ -63,11 +63,17 @@ def torchao_int4_weight(module, groups: torch.Tensor) -> torch.Tensor:
     qweight = module.qweight.view(n, -1, g // 2)[:, groups].reshape(n, -1)  # a group's bytes are contiguous
     scales = module.scales[:, groups]
     codes = unpack_int4(qweight).to(torch.int16) - 8  # -8..7, W = code * scale
+    # a zero scale (an all-zero group, e.g. Gemma's padding row, in checkpoints written before
+    # qformat.scale_grid clamped it) makes XNNPACK refuse the program at load: the same zeros as
+    # code 0 with the smallest fp16 scale
+    dead = (scales == 0).repeat_interleave(g, dim=1)
+    codes = torch.where(dead, torch.zeros_like(codes), codes)
+    scales = torch.where(scales == 0, torch.full_like(scales, 2**-24), scales)
     weight = IntxUnpackedToInt8Tensor(
         codes.to(torch.int8), scales.float(), torch.zeros_like(scales, dtype=torch.int8),
         torch.int4, (1, g), torch.float32,
         IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
-    ours = dequantize_int4(qweight, scales, None, g, torch.float32)
+    ours = dequantize_int4(qweight, module.scales[:, groups], None, g, torch.float32)
     theirs = weight.dequantize()
     if not torch.equal(ours, theirs):
         raise CheckFailed(f"torchao int4 weight differs from ours by {float((ours - theirs).abs().max()):.3g}")

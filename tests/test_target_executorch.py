@@ -67,9 +67,7 @@ def test_remainder_of_negative_ring_positions():
     assert ring_positions(torch.tensor(10), 8).tolist() == [8, 9, 2, 3, 4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("scheme", ["f32", pytest.param("q4g32-rtn", marks=pytest.mark.xfail(
-    strict=True, reason="known, open: the tiny Gemma 2 8da4w program lowers but XNNPACK refuses it at load "
-    "(XNNCompiler: Failed to define tensor ... xnn_status_invalid_parameter); SmolLM2-135M int4 loads and runs"))])
+@pytest.mark.parametrize("scheme", ["f32", "q4g32-rtn"])
 def test_executorch_parity(tiny, scheme):
     from edgeslm.export import export_artifact
 
