@@ -242,8 +242,7 @@ class ExecuTorchTarget(Target):
         return bounds
 
     def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-            XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
         from executorch.exir.passes import MemoryPlanningPass
         from tqdm.auto import tqdm
@@ -268,13 +267,11 @@ class ExecuTorchTarget(Target):
             for name, (module, args) in examples.items():
                 programs[name] = torch.export.export(module, args, strict=True)
                 steps.update()
-            # int4: each dynamically quantized linear gets its own XNNPACK partition first (as
-            # ExecuTorch's llama export does); one partition mixing them failed to load
-            # (XNNCompiler "Failed to define tensor ... invalid_parameter") on tiny Gemma 2
-            partitioners = [XnnpackPartitioner()]
-            if scheme.quantized:
-                partitioners.insert(0, XnnpackDynamicallyQuantizedPartitioner())
-            edge = to_edge_transform_and_lower(programs, partitioner=partitioners)
+            # one partitioner takes the 8da4w linears and the float ops together: large partitions,
+            # few delegate calls. (ExecuTorch's llama export puts each dynamically quantized linear
+            # in its own partition first; with ~650 range-binned linears that lowering took over
+            # 15 minutes here, and the load failure that once seemed to need it was a zero scale.)
+            edge = to_edge_transform_and_lower(programs, partitioner=[XnnpackPartitioner()])
             steps.update()
             program = edge.to_executorch(ExecutorchBackendConfig(
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False, share_mutable_buffers=True),
@@ -291,7 +288,7 @@ class ExecuTorchTarget(Target):
                                "portable_ops": sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
                                                        for n in calls if "executorch_call_delegate" not in str(n.target)
                                                        and "getitem" not in str(n.target)})}
-        return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XNNPACK" + (" (dynamically quantized partitions first)" if scheme.quantized else ""),
+        return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XNNPACK",
                 "cache_shapes": [list(getattr(cached, f"cache_{i}").shape) for i in range(cached.n)],
                 **({"activation_ranges": {"rule": f"input groups binned by calibration |x| max, ratio {RANGE_RATIO:g}, "
                                                   f"at most {MAX_SLICES} per linear",
