@@ -100,7 +100,7 @@ def scale_grid(scale: torch.Tensor) -> torch.Tensor:
     weights are bit-identical everywhere. (A bf16 value under 2**-17 may round once more to an
     fp16 subnormal, which then has at most 8 significant bits: still exact in bf16.) An all-zero
     group gets the smallest fp16 scale, not 0, which XNNPACK rejects at load."""
-    return scale.float().to(torch.bfloat16).to(torch.float16).clamp_min(2**-24)  # never 0: XNNPACK refuses it
+    return scale.float().to(torch.bfloat16).to(torch.float16).clamp_min(2**-24)
 
 
 def int4_grid_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
@@ -114,12 +114,12 @@ def int4_grid_rtn(w: torch.Tensor, group_size: int, symmetric: bool):
         raise EdgeSLMError(f"group size {group_size} does not divide K = {k}")
     g = w.float().view(n, k // group_size, group_size)
     if symmetric:
-        scale = scale_grid((g.abs().amax(-1) / 7.5).clamp_min(1e-10))
+        scale = scale_grid(g.abs().amax(-1) / 7.5)
         codes = torch.round(g / scale.float()[..., None]).clamp(-8, 7) + 8
         zeros = None
     else:
         lo, hi = g.amin(-1).clamp_max(0), g.amax(-1).clamp_min(0)
-        scale = scale_grid(((hi - lo) / 15).clamp_min(1e-10))
+        scale = scale_grid((hi - lo) / 15)
         zeros = torch.round(-lo / scale.float()).clamp(0, 15)
         codes = torch.round(g / scale.float()[..., None] + zeros[..., None]).clamp(0, 15)
         zeros = zeros.to(torch.uint8)

@@ -118,10 +118,10 @@ def _group_params(w, group_size, symmetric, ratio):
     n, k = w.shape
     g = w.view(n, k // group_size, group_size)
     if symmetric:
-        scale = scale_grid((g.abs().amax(-1) * ratio / 7.5).clamp_min(1e-10)).float()
+        scale = scale_grid(g.abs().amax(-1) * ratio / 7.5).float()
         return scale, torch.full_like(scale, 8.0)
     lo, hi = g.amin(-1).clamp_max(0) * ratio, g.amax(-1).clamp_min(0) * ratio
-    scale = scale_grid(((hi - lo) / 15).clamp_min(1e-10)).float()
+    scale = scale_grid((hi - lo) / 15).float()
     return scale, torch.round(-lo / scale).clamp(0, 15)
 
 
