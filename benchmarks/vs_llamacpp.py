@@ -108,8 +108,16 @@ class NativeWorker:
 
 
 def edgeslm_export(target: str, out: Path, scheme: str) -> Path:
+    """The cached artifact when its manifest names today's reference (a changed quantization recipe
+    gives a new reference folder), else a fresh `edgeslm export`."""
+    from edgeslm.quantize import reference_folder
+    from edgeslm.schemes import get_scheme
+
     if (out / "manifest.json").is_file():
-        return out
+        manifest = json.loads((out / "manifest.json").read_text())
+        if manifest.get("reference") == str(reference_folder(None, get_scheme(scheme)).resolve()):
+            return out
+        log(f"{out.name}: exported from another reference; exporting again")
     cmd = [str(MAIN_PY.parent / "edgeslm"), "export", "smollm2-135m", "--target", target, "--scheme", scheme,
            "--out", str(out), "--force", "--no-verify", "--json"]
     log(f"exporting: edgeslm {' '.join(cmd[1:])}")
