@@ -21,7 +21,7 @@ Activation ranges: XNNPACK quantizes a linear's input with one int8 range per to
 input groups with large activations wash out the rest (SmolLM2-135M q4g32-gptq: +2.9% Brown
 perplexity over the int4 reference). Export therefore runs the int4 model over calibration text,
 bins each linear's input groups by their largest |x| (groups within RANGE_RATIO of each other share
-a bin, at most MAX_SLICES bins) and splits the linear along K into one 8da4w linear per bin, summed:
+a bin, at most MAX_BINS bins) and splits the linear along K into one 8da4w linear per bin, summed:
 the same int4 weights, an int8 range per token and bin. SmolLM2-135M q4g32-gptq, Brown test: the
 .pte is +0.40% over the int4 reference on 2,048 tokens (one range: +2.95%); a simulation of XNNPACK's
 qd8 (equal to the .pte on single linears) gives +0.30% on 8,192 tokens, and one range per group of 32,
@@ -49,7 +49,7 @@ METHODS = ("prefill", "decode", "reset")
 
 
 RANGE_RATIO = 2.0
-MAX_SLICES = 6
+MAX_BINS = 6
 
 
 def torchao_int4_weight(module, groups: torch.Tensor) -> torch.Tensor:
@@ -110,7 +110,7 @@ def input_group_ranges(model, tokens: torch.Tensor) -> dict:
 def range_bins(group_max: torch.Tensor) -> list[torch.Tensor]:
     """Group indices binned by range: bin b holds the groups RANGE_RATIO**b..**(b+1) below the largest."""
     ratio = (group_max.max() / group_max.clamp_min(1e-12)).clamp_min(1.0)
-    bins = torch.floor(torch.log(ratio) / math.log(RANGE_RATIO)).clamp(max=MAX_SLICES - 1)
+    bins = torch.floor(torch.log(ratio) / math.log(RANGE_RATIO)).clamp(max=MAX_BINS - 1)
     return [torch.nonzero(bins == b).flatten() for b in bins.unique()]
 
 
@@ -120,7 +120,7 @@ class EtInt4Linear(nn.Module):
     def __init__(self, m, bins: list[torch.Tensor] | None = None):
         super().__init__()
         bins = bins or [torch.arange(m.in_features // m.group_size)]
-        self.slices = len(bins)
+        self.num_bins = len(bins)
         for i, groups in enumerate(bins):
             setattr(self, f"weight_{i}", nn.Parameter(torchao_int4_weight(m, groups), requires_grad=False))
             channels = (groups[:, None] * m.group_size + torch.arange(m.group_size)).flatten()
@@ -128,10 +128,10 @@ class EtInt4Linear(nn.Module):
         self.bias = m.bias
 
     def forward(self, x):
-        if self.slices == 1:
+        if self.num_bins == 1:
             return nn.functional.linear(x, self.weight_0, self.bias)
         y = sum(nn.functional.linear(x.index_select(-1, getattr(self, f"channels_{i}")), getattr(self, f"weight_{i}"))
-                for i in range(self.slices))
+                for i in range(self.num_bins))
         return y if self.bias is None else y + self.bias
 
 
@@ -253,7 +253,7 @@ class ExecuTorchTarget(Target):
         model = model.eval()  # no .float(): it would widen the fp16 embedding scales
         calibration = calibration_for(model, ctx.tokenizer, ctx.context_length) if scheme.quantized else None
         model = et_ready(model, calibration)
-        slices = [m.slices for m in model.modules() if isinstance(m, EtInt4Linear)]
+        bins_per_linear = [m.num_bins for m in model.modules() if isinstance(m, EtInt4Linear)]
         cached = _CachedDecoder(model, ctx.context_length).eval()
         reset = _Reset(cached).eval()
         chunk = min(ctx.prefill_chunk, ctx.context_length)
@@ -293,8 +293,8 @@ class ExecuTorchTarget(Target):
         return {"program": PROGRAM, "methods": list(METHODS), "prefill_chunk": chunk, "backend": "XNNPACK",
                 "cache_shapes": [list(getattr(cached, f"cache_{i}").shape) for i in range(cached.n)],
                 **({"activation_ranges": {"rule": f"input groups binned by calibration |x| max, ratio {RANGE_RATIO:g}, "
-                                                  f"at most {MAX_SLICES} per linear",
-                                          "linears": len(slices), "int8_ranges_per_token": sum(slices)}} if slices else {}),
+                                                  f"at most {MAX_BINS} per linear",
+                                          "linears": len(bins_per_linear), "int8_ranges_per_token": sum(bins_per_linear)}} if bins_per_linear else {}),
                 "lowering": delegated}
 
     def load(self, folder: Path, manifest: dict) -> Runner:

@@ -33,7 +33,7 @@ def test_torchao_weight_is_our_int4():
 
 
 def test_range_bins_split_large_inputs_from_small():
-    """Input groups within RANGE_RATIO (2x) share an int8 range; at most MAX_SLICES (6) bins."""
+    """Input groups within RANGE_RATIO (2x) share an int8 range; at most MAX_BINS (6) bins."""
     from edgeslm.targets.executorch import range_bins
 
     bins = range_bins(torch.tensor([100.0, 90.0, 10.0, 1.0, 0.01, 50.0]))
@@ -54,7 +54,7 @@ def test_sliced_linear_sums_its_slices():
     sliced = EtInt4Linear(m, [torch.tensor([0, 2]), torch.tensor([1])])
     x = torch.randn(3, 96)
     y = sum(x.index_select(-1, getattr(sliced, f"channels_{i}")) @ getattr(sliced, f"weight_{i}").dequantize().T
-            for i in range(sliced.slices)) + m.bias
+            for i in range(sliced.num_bins)) + m.bias
     torch.testing.assert_close(y, x @ m.dequantized().T + m.bias, rtol=1e-5, atol=1e-5)
 
 

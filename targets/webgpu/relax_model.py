@@ -250,7 +250,6 @@ class RelaxDecoder(nn.Module):
             raise EdgeSLMError(f"webgpu compute dtype must be one of {COMPUTE_DTYPES}, not {dtype}")
         self.spec, self.dtype, self.quant = spec, dtype, quant
         self.rope_keys = sorted(rope_scaling)
-        self.rope_scaling = dict(rope_scaling)
         if quant is None:
             self.embed_tokens = FloatLinear(spec.hidden_size, spec.vocab_size, False, dtype)
         else:
