@@ -47,17 +47,25 @@ class Runner:
         """One token at `pos` -> logits [V] (fp32)."""
         raise NotImplementedError
 
-    def generate_greedy(self, prompt: torch.Tensor, steps: int):
-        """prompt [1, T0] -> (tokens [steps], logits [steps, V]) with prefill then decode."""
+    def stream_greedy(self, prompt: torch.Tensor, steps: int):
+        """prompt [1, T0] -> yields (token, logits [V]) for up to `steps` greedy steps: one prefill from
+        an empty cache, then one decode per step. The next decode runs only when the consumer asks for
+        the next token, so a consumer that stops early (an end-of-sequence token, Ctrl-C) runs no
+        wasted step."""
         self.reset()
         last = self.prefill(prompt, 0)[0, -1]
-        tokens, logits = [], []
         for step in range(steps):
             nxt = int(last.argmax())
-            tokens.append(nxt)
-            logits.append(last)
+            yield nxt, last
             if step + 1 < steps:
                 last = self.decode(nxt, prompt.shape[1] + step)
+
+    def generate_greedy(self, prompt: torch.Tensor, steps: int):
+        """prompt [1, T0] -> (tokens [steps], logits [steps, V]) with prefill then decode."""
+        tokens, logits = [], []
+        for token, last in self.stream_greedy(prompt, steps):
+            tokens.append(token)
+            logits.append(last)
         return torch.tensor(tokens), torch.stack(logits)
 
     score_chunk: int | None = None  # tokens per prefill call in score(); None = the whole window at once
