@@ -85,33 +85,25 @@ def apply_rope(x, cos, sin, rotary_dim: int):
     return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
 
 
-class Attention(nn.Module):
+class KVAttention(nn.Module):
+    """The seam between a layer and its KV cache: writes the new keys and values, then attends.
+
+    forward(q, k, v, q_pos, start_pos, k_cache, v_cache, inplace) -> (out, k_cache, v_cache), with
+    q [B, H, T, D] and k, v [B, Hkv, T, D] after q/k-norm and rope. k_cache None means no cache:
+    causal attention over this chunk alone (evaluation). A target that runs its runtime's fused
+    attention or keeps the cache in its own buffers replaces this module in every layer
+    (Decoder.swap_kv_attention); the projections, norms and rope around it stay the decoder's.
+    """
+
     def __init__(self, spec: DecoderSpec, layer: int):
         super().__init__()
-        h, d = spec.hidden_size, spec.head_dim
         self.spec = spec
-        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
         self.is_local = spec.layer_is_local[layer]
         self.window = spec.sliding_window if self.is_local else None
-        self.q_proj = Linear(h, spec.num_heads * d, spec.qkv_bias)
-        self.k_proj = Linear(h, spec.num_kv_heads * d, spec.qkv_bias)
-        self.v_proj = Linear(h, spec.num_kv_heads * d, spec.qkv_bias)
-        self.o_proj = Linear(spec.num_heads * d, h, spec.o_bias)
-        if spec.qk_norm:
-            self.q_norm = Norm(spec.norm, d, spec.norm_eps)
-            self.k_norm = Norm(spec.norm, d, spec.norm_eps)
 
-    def forward(self, x, cos, sin, q_pos, start_pos, k_cache, v_cache, inplace: bool):
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if self.spec.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin, self.spec.rotary_dim)
-        k = apply_rope(k, cos, sin, self.spec.rotary_dim)
-
-        if k_cache is None:  # no cache: plain causal attention over this chunk (evaluation)
+    def forward(self, q, k, v, q_pos, start_pos, k_cache, v_cache, inplace: bool):
+        t = q.shape[2]
+        if k_cache is None:
             keys, values, k_pos = k, v, q_pos
         elif self.is_local and t > 1:
             keys = torch.cat((k_cache, k), dim=2)
@@ -123,16 +115,43 @@ class Attention(nn.Module):
                 k_cache, v_cache = write_ring(k_cache, v_cache, k, v, start_pos, inplace)
                 k_pos = ring_positions(start_pos + t, k_cache.shape[2])
             else:
-                slots = start_pos + torch.arange(t, device=x.device)
+                slots = start_pos + torch.arange(t, device=q.device)
                 k_cache = k_cache.index_copy_(2, slots, k) if inplace else k_cache.index_copy(2, slots, k)
                 v_cache = v_cache.index_copy_(2, slots, v) if inplace else v_cache.index_copy(2, slots, v)
-                idx = torch.arange(k_cache.shape[2], device=x.device)
+                idx = torch.arange(k_cache.shape[2], device=q.device)
                 k_pos = torch.where(idx < start_pos + t, idx, -1)
             keys, values = k_cache, v_cache
-
         out = ops.attention(
             q, keys, values, q_pos, k_pos, scale=self.spec.attn_scale, softcap=self.spec.attn_softcap, window=self.window
         )
+        return out, k_cache, v_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: DecoderSpec, layer: int):
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.spec = spec
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, d
+        self.q_proj = Linear(h, spec.num_heads * d, spec.qkv_bias)
+        self.k_proj = Linear(h, spec.num_kv_heads * d, spec.qkv_bias)
+        self.v_proj = Linear(h, spec.num_kv_heads * d, spec.qkv_bias)
+        self.o_proj = Linear(spec.num_heads * d, h, spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = Norm(spec.norm, d, spec.norm_eps)
+            self.k_norm = Norm(spec.norm, d, spec.norm_eps)
+        self.kv_attention = KVAttention(spec, layer)
+
+    def forward(self, x, cos, sin, q_pos, start_pos, k_cache, v_cache, inplace: bool):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin, self.spec.rotary_dim)
+        k = apply_rope(k, cos, sin, self.spec.rotary_dim)
+        out, k_cache, v_cache = self.kv_attention(q, k, v, q_pos, start_pos, k_cache, v_cache, inplace)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), k_cache, v_cache
 
@@ -223,6 +242,12 @@ class Decoder(nn.Module):
             shape = (batch, s.num_kv_heads, n, s.head_dim)
             cache += [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
         return cache
+
+    def swap_kv_attention(self, make):
+        """Replaces every layer's KVAttention by make(layer_index, kv_attention) (in place)."""
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.kv_attention = make(i, layer.self_attn.kv_attention)
+        return self
 
     def embed_tokens_dtype(self):
         for p in self.parameters():

@@ -91,7 +91,7 @@ class CoreMLStep(nn.Module):
             q = apply_rope(q, cos, sin, s.rotary_dim)
             k = apply_rope(k, cos, sin, s.rotary_dim)
             slots = kc.shape[2]
-            if a.is_local and t > 1:
+            if a.kv_attention.is_local and t > 1:
                 # attend over (old ring ++ new keys) before writing, as the Decoder does
                 keys = torch.cat((kc.to(k.dtype), k), dim=2)
                 values = torch.cat((vc.to(v.dtype), v), dim=2)
@@ -99,7 +99,7 @@ class CoreMLStep(nn.Module):
                 _write_ring_chunk(kc, k, start, slots)
                 _write_ring_chunk(vc, v, start, slots)
             else:
-                if a.is_local:
+                if a.kv_attention.is_local:
                     slot = torch.remainder(start, slots)  # t == 1
                     kc[:, :, slot : slot + 1] = k.to(kc.dtype)
                     vc[:, :, slot : slot + 1] = v.to(vc.dtype)
@@ -111,7 +111,7 @@ class CoreMLStep(nn.Module):
                     k_pos = torch.where(idx < start + t, idx, -1)
                 keys, values = kc.to(k.dtype), vc.to(v.dtype)
             out = attention_reference(q, keys, values, q_pos, k_pos, scale=s.attn_scale, softcap=s.attn_softcap,
-                                      window=a.window)
+                                      window=a.kv_attention.window)
             attn = a.o_proj(out.transpose(1, 2).reshape(1, t, a.num_heads * a.head_dim))
             if s.parallel_residual:
                 h = h + attn + layer.mlp(x)

@@ -71,7 +71,7 @@ def test_window_and_softcap_matter():
     with torch.no_grad():
         base, _ = ours(ids)
         for layer in ours.layers:
-            layer.self_attn.window = None
+            layer.self_attn.kv_attention.window = None
         no_window, _ = ours(ids)
     assert (base - no_window).abs().max() > 1e-3
     _, ours = tiny_pair("gemma2", attn_logit_softcapping=None)
