@@ -22,6 +22,8 @@ dX kernel behind an autograd Function so QLoRA can train adapters over the froze
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -54,7 +56,16 @@ def int4_matmul_reference(x, qweight, scales, zeros, group_size: int):
 
 # ---------------------------------------------------------------------------------------- Triton
 # Hand-written: the maintained int4 kernels (torchao, gemlite, Marlin) each want their own packed
-# layout; ours is fixed by the export targets (MatMulNBits), so the kernel reads it as it is.
+# layout; ours is fixed by the export targets (MatMulNBits), so the kernel reads it as it is: as int32
+# words [N, K / 8], word i of a row holding k = 8i + j in nibble j, so that a thread's 16-byte load
+# brings 32 consecutive codes of one row (ORT's MatMulFloatInt4Kernel reads the same layout this way).
+#
+# Dequantization has no int-to-float conversion (I2F): OR-ing a nibble that sits in bits 4p..4p+3 of
+# a word into the mantissa of the fp32 2**(23 - 4p) gives exactly 2**(23 - 4p) + code (the
+# FasterTransformer / Marlin magic-number trick, in fp32), for p = 0..4; one subtraction then leaves
+# code - zero exactly, and one multiplication by the fp16 scale (11 significant bits) is exact in fp32
+# too. Rounding that to the activation dtype is the reference's one rounding (our scales are on the
+# bf16 grid, see edgeslm.qformat.scale_grid, so bf16 holds them exactly as well).
 
 try:
     import triton
@@ -82,6 +93,10 @@ def _dot_mode(dtype) -> int:
     return 0
 
 
+# Passed at run time rather than written as literals: ptxas would otherwise rematerialize the nibble
+# masks with a MOV before every LOP3 (about a sixth more instructions in the GEMV loop).
+NIBBLE_MASK = 0xF
+
 if triton is not None:
 
     @triton.jit
@@ -94,99 +109,265 @@ if triton is not None:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
     @triton.jit
-    def _dequant_pair(packed, scale, zero, dtype):
-        """uint8 bytes -> (even-k weights, odd-k weights), each (code - zero) * scale in fp32, then
-        cast to the activation dtype, as the reference does."""
-        lo = (packed & 0x0F).to(tl.float32)
-        hi = (packed >> 4).to(tl.float32)
-        return ((lo - zero) * scale).to(dtype), ((hi - zero) * scale).to(dtype)
+    def _code(src, nib, POS: tl.constexpr, off):
+        """(nibble of src at bits 4*POS..4*POS+3) - zero, exact in fp32, without I2F.
+        off = zero + 2**(23 - 4*POS)."""
+        bits = (src & (nib << (4 * POS))) | ((150 - 4 * POS) << 23)
+        return bits.to(tl.float32, bitcast=True) - off
+
+    @triton.jit
+    def _codes8(w, nib, z):
+        """int32 words -> the 8 codes - zero of each word (fp32, exact), nibble order 0..7.
+        Nibbles 0..4 are read in place; 5..7 from the word shifted right by 12 (positions 2..4)."""
+        hi = w >> 12
+        c0 = _code(w, nib, 0, z + 8388608.0)
+        c1 = _code(w, nib, 1, z + 524288.0)
+        c2 = _code(w, nib, 2, z + 32768.0)
+        c3 = _code(w, nib, 3, z + 2048.0)
+        c4 = _code(w, nib, 4, z + 128.0)
+        c5 = _code(hi, nib, 2, z + 32768.0)
+        c6 = _code(hi, nib, 3, z + 2048.0)
+        c7 = _code(hi, nib, 4, z + 128.0)
+        return c0, c1, c2, c3, c4, c5, c6, c7
+
+    @triton.jit
+    def _interleave8(c0, c1, c2, c3, c4, c5, c6, c7):
+        """8 tensors [R, W] -> [R, W * 8] with element 8w + j taken from c_j (natural k order)."""
+        e0 = tl.join(c0, c4)
+        e1 = tl.join(c1, c5)
+        e2 = tl.join(c2, c6)
+        e3 = tl.join(c3, c7)
+        f0 = tl.join(e0, e2)
+        f1 = tl.join(e1, e3)
+        g = tl.join(f0, f1)  # [R, W, j2, j1, j0] with j = 4 j2 + 2 j1 + j0
+        return g.reshape(g.shape[0], g.shape[1] * 8)
+
+    @triton.jit
+    def _dequant_tile(w, s, z, nib, WORDS: tl.constexpr, GROUP: tl.constexpr, dtype):
+        """int32 words [R, WORDS] with per-group scales / zeros [R, WORDS * 8 // GROUP] (fp32) ->
+        weights [R, WORDS * 8] in dtype, k in natural order; each value (code - zero) * scale in
+        fp32, rounded once, as the reference computes it."""
+        GW: tl.constexpr = GROUP // 8  # words per group
+        R: tl.constexpr = w.shape[0]
+        sw = tl.broadcast_to(s[:, :, None], [R, WORDS // GW, GW]).reshape(R, WORDS)
+        zw = tl.broadcast_to(z[:, :, None], [R, WORDS // GW, GW]).reshape(R, WORDS)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _codes8(w, nib, zw)
+        return _interleave8((c0 * sw).to(dtype), (c1 * sw).to(dtype), (c2 * sw).to(dtype), (c3 * sw).to(dtype),
+                            (c4 * sw).to(dtype), (c5 * sw).to(dtype), (c6 * sw).to(dtype), (c7 * sw).to(dtype))
+
+    @triton.jit
+    def _u8_to_f32(v):
+        """uint8 -> fp32 without I2F: 2**23 + v, minus 2**23."""
+        return (v.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _mag(src, mask, MAGIC: tl.constexpr):
+        return ((src & mask) | MAGIC).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _split_finish(y, Y, syn, PART, TICKET, n, n_ok, N, pid_n, pid_k, SPLIT_K: tl.constexpr):
+        """Writes y [BLOCK_N] fp32 (this program's part of Y[n]); with SPLIT_K > 1 the part goes to
+        PART[pid_k], and the last of the SPLIT_K programs of this tile (an atomic ticket) sums the
+        parts in split order (deterministic) into Y and re-arms the ticket: one launch, no zeroing."""
+        if SPLIT_K == 1:
+            tl.store(Y + n * syn, y.to(Y.dtype.element_ty), mask=n_ok)
+        else:
+            tl.store(PART + pid_k * N + n, y, mask=n_ok)
+            tl.debug_barrier()  # every thread's part is written before the ticket is taken
+            ticket = tl.atomic_add(TICKET + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                tot = tl.zeros_like(y)
+                for i in range(SPLIT_K):
+                    tot += tl.load(PART + i * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                tl.store(Y + n * syn, tot.to(Y.dtype.element_ty), mask=n_ok)
+                tl.atomic_xchg(TICKET + pid_n, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit
+    def _int4_gemv_kernel(
+        X, QW, SC, ZP, Y, PART, TICKET, N, K, words_per_split, nib,
+        sxk, sqw, ssn, szn, syn,
+        GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr, NUM_STAGES: tl.constexpr,
+    ):
+        """y[N] = x[K] @ dequant(W)[N, K].T for one activation row (M = 1), on the FMA units: no
+        tensor-core tile to pad, no shared-memory round trip for the weights.
+
+        A K step reads BLOCK_K / 2 bytes of each of BLOCK_N rows as [BLOCK_N, BLOCK_K / 32, 4] int32
+        (each thread: 16 bytes = 32 codes = one chunk of one row) and the matching 32 x values per chunk;
+        a chunk lies in one group, so its scale (and zero) is loaded once and applied to the chunk's
+        dot product. EXACT (fp32 activations): every code - zero is exact (_codes8). Otherwise
+        (fp16 / bf16 activations) the codes are read at bits 12..15 (2048 + code) or 16..19 (128 + code)
+        with one shift per two codes and no subtraction; the chunk's sum of 2048 / 128 / zero times x is
+        subtracted once per chunk. That cancellation costs ~2**-13 relative in fp32, far below the
+        reference's own rounding of each weight to bf16 / fp16.
+        """
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        C: tl.constexpr = BLOCK_K // 32  # chunks of 32 codes (4 words) per row per step
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        c = tl.arange(0, C)
+        wi = tl.arange(0, 4)
+        j8 = tl.arange(0, 8)
+        row = n.to(tl.int64) * sqw
+        acc = tl.zeros([BLOCK_N, C], tl.float32)
+        kw_lo = pid_k * words_per_split
+        kw_hi = tl.minimum(kw_lo + words_per_split, K // 8)
+        for kw0 in tl.range(kw_lo, kw_hi, BLOCK_K // 8, num_stages=NUM_STAGES):
+            cw = kw0 + 4 * c  # first word of each chunk
+            c_ok = cw < kw_hi
+            w = tl.load(QW + row[:, None, None] + (cw[None, :, None] + wi[None, None, :]),
+                        mask=n_ok[:, None, None] & c_ok[None, :, None], other=0)  # [BN, C, 4]
+            kx = (8 * cw)[:, None, None] + 8 * wi[None, :, None] + j8[None, None, :]
+            xv = tl.load(X + kx.to(tl.int64) * sxk, mask=c_ok[:, None, None], other=0.0).to(tl.float32)
+            xa, xb = tl.split(xv.reshape(C, 4, 2, 2, 2))  # nibble j = 4 j2 + 2 j1 + j0: split j0, j1, j2
+            xa0, xa1 = tl.split(xa)
+            xb0, xb1 = tl.split(xb)
+            x0, x4 = tl.split(xa0)
+            x2, x6 = tl.split(xa1)
+            x1, x5 = tl.split(xb0)
+            x3, x7 = tl.split(xb1)
+            g = (8 * cw) // GROUP
+            gmask = n_ok[:, None] & c_ok[None, :]
+            s = tl.load(SC + n[:, None] * ssn + g[None, :], mask=gmask, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                z = _u8_to_f32(tl.load(ZP + n[:, None] * szn + g[None, :], mask=gmask, other=0))
+            else:
+                z = tl.full([BLOCK_N, C], 8.0, tl.float32)
+            if EXACT:
+                c0, c1, c2, c3, c4, c5, c6, c7 = _codes8(w, nib, z[:, :, None])
+                p = c0 * x0[None]
+                p += c1 * x1[None]
+                p += c2 * x2[None]
+                p += c3 * x3[None]
+                p += c4 * x4[None]
+                p += c5 * x5[None]
+                p += c6 * x6[None]
+                p += c7 * x7[None]
+                dotc = tl.sum(p, axis=2)
+            else:
+                m3 = nib << 12
+                m4 = nib << 16
+                a = w << 8  # codes 1, 2 at bits 12.., 16..
+                b = w >> 8  # codes 5, 6
+                r = (w << 16) | ((w >> 16) & 0xFFFF)  # halves swapped: code 7 at bits 12.., code 0 at 16..
+                p = _mag(r, m4, 0x43000000) * x0[None]
+                p += _mag(a, m3, 0x45000000) * x1[None]
+                p += _mag(a, m4, 0x43000000) * x2[None]
+                p += _mag(w, m3, 0x45000000) * x3[None]
+                p += _mag(w, m4, 0x43000000) * x4[None]
+                p += _mag(b, m3, 0x45000000) * x5[None]
+                p += _mag(b, m4, 0x43000000) * x6[None]
+                p += _mag(r, m3, 0x45000000) * x7[None]
+                s3 = x1 + x3 + x5 + x7  # x under codes read as 2048 + code
+                s4 = x0 + x2 + x4 + x6  # ... as 128 + code
+                xs = tl.sum(s3 + s4, axis=1)
+                mc = tl.sum(s3 * 2048.0 + s4 * 128.0, axis=1)
+                dotc = tl.sum(p, axis=2) - mc[None, :] - z * xs[None, :]
+            acc += s * dotc
+        _split_finish(tl.sum(acc, axis=1), Y, syn, PART, TICKET, n, n_ok, N, pid_n, pid_k, SPLIT_K)
 
     @triton.jit
     def _int4_mm_kernel(
-        X, QW, SC, ZP, Y, M, N, K, k_per_split,
-        sxm, sxk, sqn, ssn, szn, sym, syn,
+        X, QW, SC, ZP, Y, PART, TICKET, M, N, K, words_per_split, nib,
+        sxm, sxk, sqw, ssn, szn, sym, syn,
         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
-        """Y[M, N] (or fp32 split-K partials [SPLIT_K, M, N]) = X[M, K] @ dequant(W)[N, K].T.
-
-        A K step of BLOCK_K reads BLOCK_K/2 contiguous bytes of each of BLOCK_N weight rows. The
-        even and odd k of those bytes are two half-width dots against X's even and odd columns,
-        which avoids interleaving nibbles in registers.
-        """
+        """Y[M, N] = X[M, K] @ dequant(W)[N, K].T on the tensor cores: each K step loads
+        [BLOCK_N, BLOCK_K / 8] int32 words (16-byte loads), the step's scales / zeros once per group,
+        dequantizes to the activation dtype in natural k order and runs one K = BLOCK_K dot.
+        SPLIT_K > 1 (small M) writes fp32 parts that the tile's last program sums (_split_finish)."""
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         n_tiles = tl.cdiv(N, BLOCK_N)
         pid_m = pid // n_tiles
         pid_n = pid % n_tiles
+        WORDS: tl.constexpr = BLOCK_K // 8
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        j = tl.arange(0, BLOCK_K // 2)
         m_ok = m < M
         n_ok = n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        k_lo = pid_k * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, K)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k_even = k0 + 2 * j  # K is even, so k_even < K implies k_even + 1 < K
-            k_ok = k_even < k_hi
-            xe = tl.load(X + m[:, None] * sxm + k_even[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            xo = tl.load(X + m[:, None] * sxm + (k_even + 1)[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w_mask = k_ok[:, None] & n_ok[None, :]
-            packed = tl.load(QW + n[None, :] * sqn + (k_even // 2)[:, None], mask=w_mask, other=0)  # [BK/2, BN]
-            g = (k_even // GROUP)[:, None]
-            scale = tl.load(SC + n[None, :] * ssn + g, mask=w_mask, other=0.0).to(tl.float32)
+        wcol = tl.arange(0, WORDS)
+        kcol = tl.arange(0, BLOCK_K)
+        gcol = tl.arange(0, BLOCK_K // GROUP) if BLOCK_K >= GROUP else tl.arange(0, 1)
+        x_row = X + m.to(tl.int64)[:, None] * sxm
+        w_row = QW + n.to(tl.int64)[:, None] * sqw
+        acc_t = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # Y tile transposed: the weights are the A operand
+        kw_lo = pid_k * words_per_split
+        kw_hi = tl.minimum(kw_lo + words_per_split, K // 8)
+        for kw0 in tl.range(kw_lo, kw_hi, WORDS, num_stages=NUM_STAGES):
+            k = 8 * kw0 + kcol
+            # K ends on a whole chunk of 32 codes: masks constant over 4 words / 32 k keep loads 16 bytes wide
+            x_ok = m_ok[:, None] & ((8 * kw0 + kcol // 32 * 32) < 8 * kw_hi)[None, :]
+            x = tl.load(x_row + k[None, :].to(tl.int64) * sxk, mask=x_ok, other=0.0)
+            words = kw0 + wcol
+            w_ok = n_ok[:, None] & ((kw0 + wcol // 4 * 4) < kw_hi)[None, :]
+            w = tl.load(w_row + words[None, :], mask=w_ok, other=0)  # [BN, WORDS]
+            g = (8 * kw0) // GROUP + gcol
+            g_ok = n_ok[:, None] & (g * GROUP < 8 * kw_hi)[None, :]
+            s = tl.load(SC + n[:, None] * ssn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                zero = tl.load(ZP + n[None, :] * szn + g, mask=w_mask, other=0).to(tl.float32)
+                z = _u8_to_f32(tl.load(ZP + n[:, None] * szn + g[None, :], mask=g_ok, other=0))
             else:
-                zero = 8.0
-            we, wo = _dequant_pair(packed, scale, zero, xe.dtype)
-            acc += _dot(xe, we, DOT_MODE)
-            acc += _dot(xo, wo, DOT_MODE)
+                z = tl.full([BLOCK_N, BLOCK_K // GROUP if BLOCK_K >= GROUP else 1], 8.0, tl.float32)
+            wt = _dequant_tile(w, s, z, nib, WORDS, GROUP if BLOCK_K >= GROUP else BLOCK_K, x.dtype)
+            acc_t += _dot(wt, tl.trans(x), DOT_MODE)
+        acc = tl.trans(acc_t)
         mask = m_ok[:, None] & n_ok[None, :]
         if SPLIT_K == 1:
-            tl.store(Y + m[:, None] * sym + n[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
+            tl.store(Y + m.to(tl.int64)[:, None] * sym + n[None, :] * syn, acc.to(Y.dtype.element_ty), mask=mask)
         else:
-            tl.store(Y + pid_k * M * N + m[:, None] * N + n[None, :], acc, mask=mask)
+            part = PART + (pid_k * M).to(tl.int64) * N + m.to(tl.int64)[:, None] * N + n[None, :]
+            tl.store(part, acc, mask=mask)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(TICKET + pid, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLIT_K - 1:
+                tot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+                for i in range(SPLIT_K):
+                    tot += tl.load(part + ((i - pid_k) * M).to(tl.int64) * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(Y + m.to(tl.int64)[:, None] * sym + n[None, :] * syn, tot.to(Y.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(TICKET + pid, 0, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _int4_mm_dx_kernel(
-        DY, QW, SC, ZP, DX, M, N, K,
-        sdym, sdyn, sqn, ssn, szn, sdxm, sdxk,
+        DY, QW, SC, ZP, DX, M, N, K, nib,
+        sdym, sdyn, sqw, ssn, szn, sdxm, sdxk,
         GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         """DX[M, K] = DY[M, N] @ dequant(W)[N, K]: tiles over (M, K), loop over N."""
         pid = tl.program_id(0)
         k_tiles = tl.cdiv(K, BLOCK_K)
         pid_m = pid // k_tiles
         pid_k = pid % k_tiles
+        WORDS: tl.constexpr = BLOCK_K // 8
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        j = tl.arange(0, BLOCK_K // 2)
-        k_even = pid_k * BLOCK_K + 2 * j
+        words = pid_k * WORDS + tl.arange(0, WORDS)
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        gk: tl.constexpr = GROUP if BLOCK_K >= GROUP else BLOCK_K  # k per scale in this tile
+        g = (pid_k * BLOCK_K) // GROUP + tl.arange(0, BLOCK_K // gk)  # group indices
         m_ok = m < M
-        k_ok = k_even < K
-        g = (k_even // GROUP)[None, :]
-        acc_e = tl.zeros([BLOCK_M, BLOCK_K // 2], tl.float32)
-        acc_o = tl.zeros([BLOCK_M, BLOCK_K // 2], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
+        k_ok = k < K
+        acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for n0 in tl.range(0, N, BLOCK_N, num_stages=NUM_STAGES):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < N
-            dy = tl.load(DY + m[:, None] * sdym + n[None, :] * sdyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            packed = tl.load(QW + n[:, None] * sqn + (k_even // 2)[None, :], mask=w_mask, other=0)  # [BN, BK/2]
-            scale = tl.load(SC + n[:, None] * ssn + g, mask=w_mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + m.to(tl.int64)[:, None] * sdym + n[None, :] * sdyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.load(QW + n.to(tl.int64)[:, None] * sqw + words[None, :],
+                        mask=n_ok[:, None] & ((pid_k * WORDS + tl.arange(0, WORDS) // 4 * 4) < K // 8)[None, :], other=0)
+            g_ok = n_ok[:, None] & (g * GROUP < K)[None, :]
+            s = tl.load(SC + n[:, None] * ssn + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                zero = tl.load(ZP + n[:, None] * szn + g, mask=w_mask, other=0).to(tl.float32)
+                z = _u8_to_f32(tl.load(ZP + n[:, None] * szn + g[None, :], mask=g_ok, other=0))
             else:
-                zero = 8.0
-            we, wo = _dequant_pair(packed, scale, zero, dy.dtype)
-            acc_e += _dot(dy, we, DOT_MODE)
-            acc_o += _dot(dy, wo, DOT_MODE)
-        mask = m_ok[:, None] & k_ok[None, :]
-        base = DX + m[:, None] * sdxm
-        tl.store(base + k_even[None, :] * sdxk, acc_e.to(DX.dtype.element_ty), mask=mask)
-        tl.store(base + (k_even + 1)[None, :] * sdxk, acc_o.to(DX.dtype.element_ty), mask=mask)
+                z = tl.full([BLOCK_N, BLOCK_K // gk], 8.0, tl.float32)
+            wt = _dequant_tile(w, s, z, nib, WORDS, gk, dy.dtype)  # [BN, BK]
+            acc += _dot(dy, wt, DOT_MODE)
+        tl.store(DX + m.to(tl.int64)[:, None] * sdxm + k[None, :] * sdxk, acc.to(DX.dtype.element_ty),
+                 mask=m_ok[:, None] & k_ok[None, :])
 
 
 def _check(x, qweight, scales, zeros, group_size):
@@ -203,76 +384,143 @@ def _check(x, qweight, scales, zeros, group_size):
     return n, k
 
 
-def gpu_config(m: int, dtype, backward: bool = False) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA. Not timed yet (no GPU so far):
-    the largest tiles that compile for sm_90 without register spills, with and without zero points
-    (tests/kernels/test_compile_sm90.py checks that). fp32 takes the FMA path and needs small tiles."""
-    if dtype == torch.float32:
-        return (16, 32, 64, 4, 2) if backward else (16, 64, 64, 8, 2)
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One launch: which kernel, its tiles, split-K and grid. Pure arithmetic on the shape, so that
+    benchmarks/kernel_audit.py compiles and estimates exactly what the launcher runs."""
+
+    kernel: str  # "gemv" | "mm" | "dx"
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    grid: tuple
+    words_per_split: int = 0
+
+
+def _sm_count(device) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # H100 / H200
+
+
+def gpu_config(m: int, n: int, k: int, dtype, backward: bool = False) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on CUDA, keyed by shape. Not timed yet (no
+    GPU so far): chosen from the sm_90 builds (benchmarks/kernel_audit.py) as the largest tiles that
+    compile without spills, with 16-byte weight loads and the software pipeline kept in flight."""
     if backward:
         return (16, 64, 128, 4, 2) if m <= 16 else (64, 64, 128, 8, 2)
-    if m <= 16:  # GEMV / split-K: memory bound, M padded to the smallest tl.dot tile
-        return 16, 64, 128, 4, 3
-    return 128, 128, 64, 8, 3
+    if m == 1:  # GEMV on the FMA units: 8 rows x 32 codes per thread per K step (4 for fp32)
+        return (1, 64, 256, 4, 3) if dtype == torch.float32 else (1, 128, 256, 4, 3)
+    if dtype == torch.float32:  # fp32 dots run on the FMA units (no tf32): small tiles
+        return 16, 64, 64, 4, 2
+    # tensor cores, weights as the wgmma A operand (BLOCK_N = its M, 64 per warpgroup) and the
+    # activations as B (BLOCK_M = its N, up to 256)
+    if m <= 16:  # split-K fills the GPU
+        return 16, 128, 128, 4, 3
+    if m <= 64:
+        return 64, 128, 64, 4, 3
+    if m <= 128:
+        return 128, 128, 64, 8, 3
+    return 256, 128, 64, 8, 3
 
 
-def _forward_config(m, n, k, device, dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) for this launch."""
-    if _interpreting():  # few, large blocks: interpreter time grows with programs x loop trips
-        return (max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))),
-                1, 4, 1)
-    bm, bn, bk, nw, ns = gpu_config(m, dtype)
-    split_k = 1
-    if m <= 16:  # split K until the grid covers ~2 waves, keeping >= 2 K steps per split
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-        split_k = max(1, min(triton.cdiv(2 * sms, triton.cdiv(n, bn)), k // (2 * bk)))
-    return bm, bn, bk, split_k, nw, ns
+def plan_forward(m: int, n: int, k: int, dtype, sms: int = 132, interpret: bool = False, **override) -> Plan:
+    """The launch for x [M, K] @ W[N, K].T. override: block_m/block_n/block_k/split_k/num_warps/num_stages."""
+    if interpret:  # few, large blocks: interpreter time grows with programs x loop trips
+        bm, bn, bk, nw, ns = max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))), 4, 1
+        if m == 1:
+            bm = 1
+    else:
+        bm, bn, bk, nw, ns = gpu_config(m, n, k, dtype)
+    bm = override.get("block_m") or bm
+    bn, bk = override.get("block_n") or bn, override.get("block_k") or bk
+    nw, ns = override.get("num_warps") or nw, override.get("num_stages") or ns
+    if bk % 32 or bk & (bk - 1):
+        raise ValueError(f"int4_matmul: block_k {bk} must be a power of two >= 32")
+    kind = "gemv" if bm == 1 else "mm"
+    n_tiles = triton.cdiv(n, bn) * (1 if kind == "gemv" else triton.cdiv(m, bm))
+    split_k = override.get("split_k")
+    if split_k is None:
+        split_k = 1
+        if m <= 16 and not interpret:  # split K until the grid covers ~2 programs per SM, >= 2 K steps each
+            split_k = max(1, min(triton.cdiv(2 * sms, n_tiles), k // (2 * bk)))
+    words = triton.cdiv(triton.cdiv(k, split_k), bk) * bk // 8  # whole K steps per split
+    split_k = triton.cdiv(k // 8, words)
+    return Plan(kind, bm, bn, bk, split_k, nw, ns, (n_tiles, split_k), words)
 
 
-def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, block_m=None, block_n=None, block_k=None, split_k=None,
-                    num_warps=None, num_stages=None, out=None):
+_TICKETS: dict = {}
+
+
+def _tickets(device, count: int) -> torch.Tensor:
+    """Zeroed int32 split-K tickets; the kernels leave them zeroed again, so they are allocated (and
+    zeroed) once per device and stream. A CUDA graph capture gets its own (zeroed inside the graph)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return buf
+
+
+def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, out=None, **config):
     m = x2.shape[0]
     if out is not None and (out.dtype != x2.dtype or out.numel() != m * n or not out.is_contiguous()):
         raise ValueError(f"int4_matmul: out must be a contiguous {x2.dtype} tensor of {m} x {n}")
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device) if out is None else out.view(m, n)
     if m == 0:
         return y
-    bm, bn, bk, sk, nw, ns = _forward_config(m, n, k, x2.device, x2.dtype)
-    bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
-    sk, nw, ns = split_k or sk, num_warps or nw, num_stages or ns
-    k_per_split = triton.cdiv(triton.cdiv(k, sk), bk) * bk  # whole K blocks per split
-    sk = triton.cdiv(k, k_per_split)
-    dest = y if sk == 1 else torch.empty(sk, m, n, dtype=torch.float32, device=x2.device)
+    config = {key: v for key, v in config.items() if v is not None}
+    if m != 1 and config.get("block_m") == 1:
+        raise ValueError("int4_matmul: block_m = 1 (the GEMV) needs M = 1")
+    p = plan_forward(m, n, k, x2.dtype, _sm_count(x2.device), _interpreting(), **config)
+    qw = qweight.view(torch.int32)  # [N, K / 8]: word i holds k = 8i + j in nibble j
     z = zeros if zeros is not None else scales
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), sk)
-    _int4_mm_kernel[grid](
-        x2, qweight, scales, z, dest, m, n, k, k_per_split,
-        x2.stride(0), x2.stride(1), qweight.stride(0), scales.stride(0), z.stride(0), y.stride(0), y.stride(1),
-        GROUP=group_size, HAS_ZEROS=zeros is not None, SPLIT_K=sk,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_MODE=_dot_mode(x2.dtype), num_warps=nw, num_stages=ns,
-    )
-    if sk > 1:
-        y.copy_(dest.sum(0))
+    part = torch.empty(p.split_k, m, n, dtype=torch.float32, device=x2.device) if p.split_k > 1 else y
+    tickets = _tickets(x2.device, p.grid[0]) if p.split_k > 1 else y
+    common = dict(GROUP=group_size, HAS_ZEROS=zeros is not None, SPLIT_K=p.split_k, BLOCK_N=p.block_n,
+                  BLOCK_K=p.block_k, NUM_STAGES=p.num_stages, num_warps=p.num_warps, num_stages=p.num_stages)
+    if p.kernel == "gemv":
+        _int4_gemv_kernel[p.grid](
+            x2, qw, scales, z, y, part, tickets, n, k, p.words_per_split, NIBBLE_MASK,
+            x2.stride(1), qw.stride(0), scales.stride(0), z.stride(0), y.stride(1),
+            EXACT=x2.dtype == torch.float32, **common,
+        )
+    else:
+        _int4_mm_kernel[p.grid](
+            x2, qw, scales, z, y, part, tickets, m, n, k, p.words_per_split, NIBBLE_MASK,
+            x2.stride(0), x2.stride(1), qw.stride(0), scales.stride(0), z.stride(0), y.stride(0), y.stride(1),
+            BLOCK_M=p.block_m, DOT_MODE=_dot_mode(x2.dtype), **common,
+        )
     return y
 
 
-def _launch_dx(dy2, qweight, scales, zeros, group_size, n, k, block_m=None, block_n=None, block_k=None):
+def plan_dx(m: int, n: int, k: int, dtype, interpret: bool = False, **override) -> Plan:
+    if interpret:
+        bm, bn, bk, nw, ns = max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))), 4, 1
+    else:
+        bm, bn, bk, nw, ns = gpu_config(m, n, k, dtype, backward=True)
+    bm, bn, bk = override.get("block_m") or bm, override.get("block_n") or bn, override.get("block_k") or bk
+    return Plan("dx", bm, bn, bk, 1, nw, ns, (triton.cdiv(m, bm) * triton.cdiv(k, bk),))
+
+
+def _launch_dx(dy2, qweight, scales, zeros, group_size, n, k, **config):
     m = dy2.shape[0]
     dx = torch.empty(m, k, dtype=dy2.dtype, device=dy2.device)
     if m == 0:
         return dx
-    if _interpreting():
-        bm, bn, bk, nw, ns = max(16, min(64, _next_pow2(m))), max(16, min(128, _next_pow2(n))), max(32, min(256, _next_pow2(k))), 4, 1
-    else:
-        bm, bn, bk, nw, ns = gpu_config(m, dy2.dtype, backward=True)
-    bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+    p = plan_dx(m, n, k, dy2.dtype, _interpreting(), **{key: v for key, v in config.items() if v is not None})
+    qw = qweight.view(torch.int32)
     z = zeros if zeros is not None else scales
-    grid = (triton.cdiv(m, bm) * triton.cdiv(k, bk),)
-    _int4_mm_dx_kernel[grid](
-        dy2, qweight, scales, z, dx, m, n, k,
-        dy2.stride(0), dy2.stride(1), qweight.stride(0), scales.stride(0), z.stride(0), dx.stride(0), dx.stride(1),
-        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        DOT_MODE=_dot_mode(dy2.dtype), num_warps=nw, num_stages=ns,
+    _int4_mm_dx_kernel[p.grid](
+        dy2, qw, scales, z, dx, m, n, k, NIBBLE_MASK,
+        dy2.stride(0), dy2.stride(1), qw.stride(0), scales.stride(0), z.stride(0), dx.stride(0), dx.stride(1),
+        GROUP=group_size, HAS_ZEROS=zeros is not None, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_K=p.block_k,
+        DOT_MODE=_dot_mode(dy2.dtype), NUM_STAGES=p.num_stages, num_warps=p.num_warps, num_stages=p.num_stages,
     )
     return dx
 

@@ -137,3 +137,33 @@ def test_lora_over_int4_base_trains():
         losses[name] = run
     assert losses["kernel"][-1] < losses["kernel"][0]
     assert losses["kernel"] == pytest.approx(losses["reference"], rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_split_k_in_one_launch_rearms_its_tickets(dtype, m):
+    """Split-K sums its parts in the tile's last program (an atomic ticket), not in extra kernels:
+    three calls in a row stay right, and every ticket is back at zero after each."""
+    from edgeslm.kernels import int4_matmul as im
+
+    n, k, group = 48, 512, 32
+    for call in range(3):
+        qweight, scales, zeros = random_weight(n, k, group, asymmetric=call == 1)
+        x = torch.randn(m, k, device=DEVICE).to(dtype)
+        got = run_forward(x, qweight, scales, zeros, group, block_k=64, split_k=4, block_n=16)
+        assert_close(got, int4_matmul_reference(x, qweight, scales, zeros, group), dtype)
+        assert all(int(t.count_nonzero()) == 0 for t in im._TICKETS.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_reads_codes_at_every_nibble_position(dtype):
+    """M = 1 reads each of the 8 nibbles of a word through its own mask / magic number (and, for
+    16-bit activations, its own shift): one-hot activations pick single codes out of the product."""
+    n, k, group = 16, 64, 32
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device=DEVICE)
+    scales = torch.full((n, k // group), 0.5, dtype=torch.float16, device=DEVICE)
+    zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8, device=DEVICE)
+    x = torch.eye(k, device=DEVICE).to(dtype)
+    got = torch.stack([run_forward(x[i : i + 1], pack_int4(codes), scales, zeros, group)[0] for i in range(8)])
+    want = (codes[:, :8].float() - zeros[:, :1].float()).T * 0.5
+    assert torch.equal(got.float(), want)
