@@ -9,8 +9,8 @@ Semantics (shared by the Triton kernels and `attention_reference`):
   then softmax in fp32.
 
 `attention_reference` is what the decoder runs off CUDA and what every export target traces.
-`attention` is the Triton implementation (one kernel for prefill and decode, plus a split-KV merge
-kernel), reached through edgeslm.ops on CUDA; tests run it under TRITON_INTERPRET=1.
+`attention` is the Triton implementation (a prefill kernel and a one-launch split-KV decode kernel),
+reached through edgeslm.ops on CUDA; tests run it under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -65,12 +65,6 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _tanh(x):
-        # tl.math.tanh is missing under the interpreter; this form is exact to fp32 rounding for
-        # the |x| that a soft-cap sees, and saturates cleanly to +-1.
-        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-    @triton.jit
     def _dot(a, b, DOT_MODE: tl.constexpr):
         # DOT_MODE 0: native (fp16/bf16 tensor cores); 1: fp32 without tf32; 2: upcast to fp32 first,
         # because Triton 3.9's interpreter computes garbage for a bf16 tl.dot (seen here).
@@ -82,154 +76,215 @@ if triton is not None:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
     @triton.jit
-    def _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, k_ok, k_base, v_base, sks, skd, svs, svd, d, d_ok,
-                    qk_scale, softcap, window,
-                    HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_MODE: tl.constexpr):
-        """One KV block of the online softmax: scores, soft-cap, mask by positions, rescale, P @ V."""
-        k = tl.load(k_base + cols[None, :] * sks + d[:, None] * skd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+    def _scores(q, k, c_scale, c_cap, HAS_SOFTCAP: tl.constexpr, DOT_MODE: tl.constexpr):
+        """q @ k, scaled and soft-capped, in base 2 (log2(e) folded in) for exp2.
+
+        Soft-cap: cap * tanh(y) with tanh(y) = 1 - 2 / (1 + e^(2y)): one exp2 and one approximate
+        reciprocal (2 MUFU) per score. It saturates to +-cap without NaN (e = inf gives 1 - 0), and
+        its absolute error stays at a few fp32 ulps of cap, under the bf16 rounding of P.
+        c_scale = 2 log2(e) scale / cap, c_cap = cap log2(e) (without soft-cap: c_scale = scale log2(e)).
+        """
         s = _dot(q, k, DOT_MODE)
         if HAS_SOFTCAP:
-            s = softcap * _tanh(s * (qk_scale / softcap))
-            s = s * 1.4426950408889634  # softmax in base 2
+            e = tl.exp2(s * c_scale)
+            return c_cap - tl.fdiv(2.0 * c_cap, 1.0 + e, approx=True)
+        return s * c_scale
+
+    @triton.jit
+    def _attn_step(q, qp, m_i, l_i, acc, kp, k_ok, k_ptrs, v_ptrs, c_scale, c_cap, window,
+                   MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_MODE: tl.constexpr):
+        """One KV block of the online softmax. MASKED: partial block (positions decide each score,
+        slots past S are not loaded); otherwise an interior block that the mask keeps whole, so
+        there is no position arithmetic, no select and no bounds check."""
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[None, :], other=0.0)
         else:
-            s = s * (qk_scale * 1.4426950408889634)
-        allowed = k_ok[None, :] & (kp[None, :] <= qp[:, None])
-        if HAS_WINDOW:
-            allowed = allowed & (qp[:, None] - kp[None, :] < window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+            k = tl.load(k_ptrs)
+        s = _scores(q, k, c_scale, c_cap, HAS_SOFTCAP, DOT_MODE)
+        if MASKED:
+            allowed = (kp[None, :] >= 0) & (kp[None, :] <= qp[:, None])
+            if HAS_WINDOW:
+                allowed = allowed & (qp[:, None] - kp[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+            v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = m_new
+            v = tl.load(v_ptrs)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + cols[:, None] * svs + d[None, :] * svd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_MODE)
         return m_new, l_i, acc
 
     @triton.jit
-    def _attn_fwd_kernel(
-        Q, K, V, QPOS, KPOS, OUT, LSE, STATS, BLIST, BCOUNT,
-        sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod,
-        T, S, HQ, HKV, blocks_per_split, n_kv_blocks,
-        qk_scale, softcap, window,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, SPLIT: tl.constexpr, BLOCK_LIST: tl.constexpr,
-        COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
-    ):
-        """One program: BLOCK_M query rows of one kv head (rows are (t, g) pairs, t-major, so the
-        GQA group shares every K/V tile and a block's positions stay a contiguous run), over its
-        split of the KV blocks that the mask leaves live.
+    def _attn_range(q, qp, m_i, l_i, acc, lo, hi, k_base, v_base, KPOS, S, sks, svs, d_off,
+                    c_scale, c_cap, window,
+                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, DOT_MODE: tl.constexpr, NUM_STAGES: tl.constexpr):
+        """KV blocks lo .. hi-1 in order: affine addresses, so the loads software-pipeline."""
+        n_idx = tl.arange(0, BLOCK_N)
+        for blk in tl.range(lo, hi, num_stages=NUM_STAGES):
+            cols = blk * BLOCK_N + n_idx
+            col_ok = cols < S
+            kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32) if MASKED else cols
+            k_ptrs = k_base + cols.to(tl.int64)[None, :] * sks + d_off[:, None]
+            v_ptrs = v_base + cols.to(tl.int64)[:, None] * svs + d_off[None, :]
+            m_i, l_i, acc = _attn_step(q, qp, m_i, l_i, acc, kp, col_ok, k_ptrs, v_ptrs, c_scale, c_cap, window,
+                                       MASKED, HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
+        return m_i, l_i, acc
 
-        Which blocks are live is decided from the positions, so it holds for ring buffers too, and
-        K/V of a dead block are never loaded nor computed:
-          BLOCK_LIST (prefill): the launcher lists each query block's live KV blocks (BLIST, BCOUNT),
-            so the loop has no branch and Triton can software-pipeline its loads;
-          otherwise (decode): each block's positions are loaded and the block is skipped in-loop,
-            which costs no extra launches (decode is latency bound).
-        """
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        b = pid_bh // HKV
-        hk = pid_bh % HKV
-
+    @triton.jit
+    def _load_q(Q, b, hk, pid_m, sqb, sqh, sqt, sqd, T, HQ: tl.constexpr, GROUP: tl.constexpr,
+                HEAD_DIM: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, QPOS):
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < T * GROUP
         t = rows // GROUP
         h = hk * GROUP + rows % GROUP
         d = tl.arange(0, HEAD_DIM)
         d_ok = d < D
-
-        q = tl.load(Q + b * sqb + h[:, None] * sqh + t[:, None] * sqt + d[None, :] * sqd,
+        q = tl.load(Q + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + t[:, None].to(tl.int64) * sqt + d[None, :] * sqd,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         qp = tl.load(QPOS + t, mask=row_ok, other=-1).to(tl.int32)
+        return q, qp, rows, row_ok, t, h, d, d_ok
 
+    @triton.jit
+    def _attn_prefill_kernel(
+        Q, K, V, QPOS, KPOS, OUT, STATS, RANGES,
+        sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod,
+        T, S, c_scale, c_cap, window,
+        HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
+    ):
+        """One program: BLOCK_M query rows of one kv head (rows are (t, g) pairs, t-major, so the GQA
+        group shares every K/V tile), over the KV blocks [lo, hi) that the mask leaves live, as three
+        contiguous runs from RANGES[pid_m] = (lo, full_lo, full_hi, hi): partial blocks, blocks the
+        mask keeps whole (no mask arithmetic), partial blocks. Which blocks are live and whole is
+        decided from the positions (live_kv_ranges), so ring buffers work too."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        q, qp, rows, row_ok, t, h, d, d_ok = _load_q(Q, b, hk, pid_m, sqb, sqh, sqt, sqd, T, HQ, GROUP, HEAD_DIM, D,
+                                                     BLOCK_M, QPOS)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        computed = 0
-
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
-        first = pid_s * blocks_per_split
-        if BLOCK_LIST:
-            last = tl.minimum(first + blocks_per_split, tl.load(BCOUNT + pid_m))
-            for i in range(first, last):
-                blk = tl.load(BLIST + pid_m * n_kv_blocks + i)
-                cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_ok = cols < S
-                kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
-                m_i, l_i, acc = _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, kp >= 0, k_base, v_base,
-                                            sks, skd, svs, svd, d, d_ok, qk_scale, softcap, window,
-                                            HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
-                if COUNT_BLOCKS:
-                    computed += 1
-        else:
-            q_max = tl.max(tl.where(row_ok, qp, -1), axis=0)
-            q_min = tl.min(tl.where(row_ok, qp, 2147483647), axis=0)
-            last = tl.minimum(first + blocks_per_split, n_kv_blocks)
-            for blk in range(first, last):
-                cols = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-                col_ok = cols < S
-                kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
-                k_ok = kp >= 0
-                k_max = tl.max(tl.where(k_ok, kp, -1), axis=0)
-                k_min = tl.min(tl.where(k_ok, kp, 2147483647), axis=0)
-                # live: some slot filled, some key not after every query, some key in a window
-                live = (k_max >= 0) & (k_min <= q_max)
-                if HAS_WINDOW:
-                    live = live & (q_min - k_max < window)
-                if live:
-                    m_i, l_i, acc = _attn_block(q, qp, m_i, l_i, acc, cols, col_ok, kp, k_ok, k_base, v_base,
-                                                sks, skd, svs, svd, d, d_ok, qk_scale, softcap, window,
-                                                HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
-                    if COUNT_BLOCKS:
-                        computed += 1
-
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        kd = d * skd
+        vd = d * svd
+        lo = tl.load(RANGES + pid_m * 4)
+        f_lo = tl.load(RANGES + pid_m * 4 + 1)
+        f_hi = tl.load(RANGES + pid_m * 4 + 2)
+        hi = tl.load(RANGES + pid_m * 4 + 3)
+        m_i, l_i, acc = _attn_range(q, qp, m_i, l_i, acc, lo, f_lo, k_base, v_base, KPOS, S, sks, svs, kd,
+                                    c_scale, c_cap, window, BLOCK_N, True, HAS_SOFTCAP, HAS_WINDOW, DOT_MODE, NUM_STAGES)
+        m_i, l_i, acc = _attn_range(q, qp, m_i, l_i, acc, f_lo, f_hi, k_base, v_base, KPOS, S, sks, svs, kd,
+                                    c_scale, c_cap, window, BLOCK_N, False, HAS_SOFTCAP, HAS_WINDOW, DOT_MODE, NUM_STAGES)
+        m_i, l_i, acc = _attn_range(q, qp, m_i, l_i, acc, f_hi, hi, k_base, v_base, KPOS, S, sks, svs, kd,
+                                    c_scale, c_cap, window, BLOCK_N, True, HAS_SOFTCAP, HAS_WINDOW, DOT_MODE, NUM_STAGES)
         seen = l_i > 0.0
         out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        if SPLIT:
-            # partial result of this split: normalized output and its log2-sum-exp, fp32
-            part = pid_s * (tl.num_programs(1) // HKV) * HQ * T
-            prow = part + (b * HQ + h) * T + t
-            tl.store(OUT + prow[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None])
-            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-            tl.store(LSE + prow, lse, mask=row_ok)
-        else:
-            tl.store(OUT + b * sob + h[:, None] * soh + t[:, None] * sot + d[None, :] * sod,
-                     out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + t[:, None].to(tl.int64) * sot + d[None, :] * sod,
+                 out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         if COUNT_BLOCKS:
-            n_m = tl.num_programs(0)
-            tl.store(STATS + (pid_s * tl.num_programs(1) + pid_bh) * n_m + pid_m, computed)
+            tl.store(STATS + pid_bh * tl.num_programs(0) + pid_m, hi - lo)
 
     @triton.jit
-    def _attn_combine_kernel(
-        PART, LSE, OUT, rows_total, num_splits, sob, soh, sot, sod, HQ, T,
-        HEAD_DIM: tl.constexpr, D: tl.constexpr,
+    def _attn_decode_kernel(
+        Q, K, V, QPOS, KPOS, OUT, PART, LSE, TICKET, STATS,
+        sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sot, sod,
+        T, S, n_blocks, c_scale, c_cap, window,
+        HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SCAN_J: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
-        """Merges the split-KV partials of one query row, one split at a time (an online
-        log-sum-exp, so registers stay one HEAD_DIM vector however many splits there are)."""
-        row = tl.program_id(0)
-        d = tl.arange(0, HEAD_DIM)
-        top = float("-inf")
-        total = 0.0
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        for i in range(num_splits):
-            lse = tl.load(LSE + i * rows_total + row)
-            new_top = tl.maximum(top, lse)
-            safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # empty splits carry -inf
-            alpha = tl.exp2(top - safe)
-            w = tl.exp2(lse - safe)
-            part = tl.load(PART + (i * rows_total + row) * HEAD_DIM + d)
-            acc = acc * alpha + part * w
-            total = total * alpha + w
-            top = new_top
-        out = acc / tl.where(total > 0.0, total, 1.0)
-        b = row // (HQ * T)
-        h = (row // T) % HQ
-        t = row % T
-        tl.store(OUT + b * sob + h * soh + t * sot + d * sod, out.to(OUT.dtype.element_ty), mask=d < D)
+        """Decode (at most BLOCK_M query rows per kv head), one launch.
+
+        Split s of NUM_SPLITS takes KV blocks s, s + NUM_SPLITS, s + 2 NUM_SPLITS, ... (interleaved:
+        however long the live prefix of the cache is, the splits share it evenly). It first scans the
+        positions of its blocks (SCAN_J blocks a step) for the first and last live one, then runs over
+        that range without a branch, so K / V loads pipeline; the mask is applied per score. With
+        NUM_SPLITS > 1 each split writes a normalized partial and its log2-sum-exp, and the last split
+        of each (batch, kv head) to finish (an atomic ticket, re-armed after) merges them in split
+        order: no second kernel."""
+        pid_bh = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        b = pid_bh // HKV
+        hk = pid_bh % HKV
+        q, qp, rows, row_ok, t, h, d, d_ok = _load_q(Q, b, hk, 0, sqb, sqh, sqt, sqd, T, HQ, GROUP, HEAD_DIM, D,
+                                                     BLOCK_M, QPOS)
+        q_max = tl.max(tl.where(row_ok, qp, -1), axis=0)
+        q_min = tl.min(tl.where(row_ok, qp, 2147483647), axis=0)
+        # live range of this split's blocks j = 0, 1, ... (block pid_s + j * NUM_SPLITS)
+        n_j = tl.cdiv(n_blocks - pid_s, NUM_SPLITS)
+        jj = tl.arange(0, SCAN_J)
+        n_idx = tl.arange(0, BLOCK_N)
+        j_lo = n_j
+        j_hi = 0
+        for j0 in range(0, n_j, SCAN_J):
+            j = j0 + jj
+            cols = (pid_s + j * NUM_SPLITS)[:, None] * BLOCK_N + n_idx[None, :]
+            ok = (j < n_j)[:, None] & (cols < S)
+            kp = tl.load(KPOS + cols, mask=ok, other=-1).to(tl.int32)
+            live = (kp >= 0) & (kp <= q_max)
+            if HAS_WINDOW:
+                live = live & (q_min - kp < window)
+            blk_live = tl.max(live.to(tl.int32), axis=1) > 0
+            j_lo = tl.minimum(j_lo, tl.min(tl.where(blk_live, j, n_j), axis=0))
+            j_hi = tl.maximum(j_hi, tl.max(tl.where(blk_live, j + 1, 0), axis=0))
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+        v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
+        for j in tl.range(j_lo, j_hi, num_stages=NUM_STAGES):
+            cols = (pid_s + j * NUM_SPLITS) * BLOCK_N + n_idx
+            col_ok = cols < S
+            kp = tl.load(KPOS + cols, mask=col_ok, other=-1).to(tl.int32)
+            k_ptrs = k_base + cols.to(tl.int64)[None, :] * sks + (d * skd)[:, None]
+            v_ptrs = v_base + cols.to(tl.int64)[:, None] * svs + (d * svd)[None, :]
+            m_i, l_i, acc = _attn_step(q, qp, m_i, l_i, acc, kp, col_ok, k_ptrs, v_ptrs, c_scale, c_cap, window,
+                                       True, HAS_SOFTCAP, HAS_WINDOW, DOT_MODE)
+        if COUNT_BLOCKS:
+            tl.store(STATS + pid_s * tl.num_programs(0) + pid_bh, tl.maximum(j_hi - j_lo, 0))
+        seen = l_i > 0.0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        o_ptrs = OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + t[:, None].to(tl.int64) * sot + d[None, :] * sod
+        o_mask = row_ok[:, None] & d_ok[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
+        else:
+            lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+            prow = (pid_bh * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # this program's rows
+            n_rows = tl.num_programs(0) * BLOCK_M
+            tl.store(PART + (pid_s * n_rows + prow)[:, None] * HEAD_DIM + d[None, :], out)
+            tl.store(LSE + pid_s * n_rows + prow, lse)
+            tl.debug_barrier()  # every thread's part is written before the ticket is taken
+            ticket = tl.atomic_add(TICKET + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if ticket == NUM_SPLITS - 1:
+                top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                total = tl.zeros([BLOCK_M], tl.float32)
+                res = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+                for i in range(NUM_SPLITS):
+                    lse_i = tl.load(LSE + i * n_rows + prow, cache_modifier=".cg")
+                    new_top = tl.maximum(top, lse_i)
+                    safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # empty splits carry -inf
+                    alpha = tl.exp2(top - safe)
+                    w = tl.exp2(lse_i - safe)
+                    part = tl.load(PART + (i * n_rows + prow)[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
+                    res = res * alpha[:, None] + part * w[:, None]
+                    total = total * alpha + w
+                    top = new_top
+                res = res / tl.where(total > 0.0, total, 1.0)[:, None]
+                tl.store(o_ptrs, res.to(OUT.dtype.element_ty), mask=o_mask)
+                tl.atomic_xchg(TICKET + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 def dot_mode(dtype) -> int:
@@ -241,46 +296,91 @@ def dot_mode(dtype) -> int:
     return 0
 
 
-def live_kv_blocks(q_pos, k_pos, group: int, block_m: int, block_n: int, n_m: int, window):
-    """For each query block, the KV blocks the mask leaves live, listed first (int32 [n_m, n_kv]),
-    and how many there are (int32 [n_m]). A handful of small torch ops on the device, no host sync:
-    the same decision the decode path makes in-kernel, made once for all heads and batch rows."""
+def live_kv_ranges(q_pos, k_pos, group: int, block_m: int, block_n: int, n_m: int, window):
+    """For each query block, int32 (lo, full_lo, full_hi, hi) [n_m, 4]: the KV blocks [lo, hi) hold
+    every key the mask keeps for it, and [full_lo, full_hi) inside them are blocks the mask keeps
+    whole (every slot filled, every key at or before every query, inside the window for all). A
+    handful of small torch ops on the device, no host sync, made once for all heads and batch rows.
+    Positions in slot order (a global cache, new keys) give contiguous live blocks; a ring buffer's
+    rotation can leave dead blocks inside [lo, hi), which the masked loops then compute and discard."""
     t, s = q_pos.numel(), k_pos.numel()
     n_kv = -(-s // block_n)
+    big = torch.iinfo(torch.int64).max
     kp = torch.full((n_kv * block_n,), -1, dtype=torch.int64, device=k_pos.device)
     kp[:s] = k_pos
     kp = kp.view(n_kv, block_n)
     k_max = kp.amax(1)  # -1 when the whole block is empty
-    k_min = torch.where(kp >= 0, kp, torch.iinfo(torch.int64).max).amin(1)
+    k_min = torch.where(kp >= 0, kp, big).amin(1)
+    filled = (kp >= 0).all(1)
     rows = torch.arange(n_m * block_m, device=q_pos.device)
     qp = q_pos[torch.clamp(rows // group, max=t - 1)].view(n_m, block_m)
     valid = (rows < t * group).view(n_m, block_m)
     q_max = torch.where(valid, qp, -1).amax(1)
-    q_min = torch.where(valid, qp, torch.iinfo(torch.int64).max).amin(1)
+    q_min = torch.where(valid, qp, big).amin(1)
     live = (k_max >= 0)[None, :] & (k_min[None, :] <= q_max[:, None])
+    full = filled[None, :] & (k_max[None, :] <= q_min[:, None])
     if window is not None:
         live &= (q_min[:, None] - k_max[None, :]) < window
-    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)
-    return order.to(torch.int32).contiguous(), live.sum(1, dtype=torch.int32)
+        full &= (q_max[:, None] - k_min[None, :]) < window
+    full &= live
+    idx = torch.arange(n_kv, device=k_pos.device)
+
+    def first_last(mask):
+        first = torch.where(mask, idx, n_kv).amin(1)
+        last = torch.where(mask, idx + 1, 0).amax(1)
+        return first, torch.maximum(last, first)
+
+    lo, hi = first_last(live)
+    f_lo, f_hi = first_last(full)
+    # the whole run must be whole blocks; otherwise everything goes through the masked loop
+    run = torch.cumsum(full.to(torch.int32), 1)
+    count = torch.gather(run, 1, (f_hi - 1).clamp(0, n_kv - 1)[:, None])[:, 0] - torch.where(
+        f_lo > 0, torch.gather(run, 1, (f_lo - 1).clamp(0, n_kv - 1)[:, None])[:, 0], 0)
+    ok = (f_hi > f_lo) & (count == f_hi - f_lo)
+    f_lo = torch.where(ok, f_lo, hi)
+    f_hi = torch.where(ok, f_hi, hi)
+    lo = torch.minimum(lo, hi)
+    return torch.stack((lo, f_lo, f_hi, hi), 1).to(torch.int32).contiguous()
 
 
 def gpu_config(head_dim: int, dtype, decode: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA. Not timed yet (no GPU so far): chosen as
-    the largest tiles that compile for sm_90 without register spills (tests/kernels/test_compile_sm90.py
-    checks that). fp32 takes the FMA path (no tf32) and needs small tiles."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA. Not timed yet (no GPU so far): chosen from
+    the sm_90 builds (benchmarks/kernel_audit.py) as the largest tiles that compile without register
+    spills with the loads software-pipelined. fp32 takes the FMA path (no tf32) and needs small tiles."""
     if dtype == torch.float32:
         return (16, 32, 4, 2) if decode or head_dim > 128 else (32, 32, 8, 2)
     if decode:  # one KV stream per program; BLOCK_M = 16 is the smallest tl.dot tile
-        return 16, 64, 4 if head_dim <= 64 else 8, 2
+        return (16, 64, 4, 3) if head_dim <= 128 else (16, 32, 4, 3)
     if head_dim <= 128:
-        return 128, 64, 8, 2
-    return 128, 32, 8, 2
+        return 128, 64, 8, 3
+    return 128, 32, 8, 3
 
 
 def _sm_count(device) -> int:
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+    return 132  # H100 / H200
+
+
+def decode_splits(b: int, hkv: int, n_blocks: int, sms: int) -> int:
+    """KV splits for a decode launch: enough programs for ~2 per SM, at most one split per block
+    (splits are interleaved, so they share whatever prefix of the cache is live)."""
+    return max(1, min(triton.cdiv(2 * sms, b * hkv), n_blocks))
+
+
+_TICKETS: dict = {}
+
+
+def _tickets(device, count: int) -> torch.Tensor:
+    """Zeroed int32 tickets for the one-launch split merge; the kernel leaves them zeroed again, so
+    they are allocated once per device and stream (a CUDA graph capture gets its own)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < count:
+        buf = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return buf
 
 
 def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
@@ -288,11 +388,12 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
               block_stats: list | None = None, out=None):
     """The Triton kernels, same semantics as `attention_reference` (returns q.dtype).
 
-    T == 1 (decode) splits the KV sequence across programs when batch x kv heads is too small to
-    fill the GPU, then merges the partials. block_m/block_n/num_splits override the heuristics (the
-    tests use them to get few, large blocks under the interpreter, and to force splits).
+    At most 16 query rows per kv head (decode) take the one-launch split-KV kernel; more rows take
+    the prefill kernel. block_m/block_n/num_splits override the heuristics (the tests use them to
+    get few, large blocks under the interpreter, and to force splits).
     block_stats, when a list, receives a tensor with the number of KV blocks each program computed
-    (the tests check that masked-out blocks are skipped).
+    (the tests check that masked-out blocks are skipped): [B * Hkv, n_m] for prefill,
+    [num_splits, B * Hkv, 1] for decode.
     A query row that sees no key at all returns zeros (the reference returns NaN there).
     out: an optional [B, Hq, T, D] tensor of q's dtype to write into (tests poison it first).
     """
@@ -323,48 +424,48 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         cfg = gpu_config(head_dim, q.dtype, decode)
     block_m, block_n = block_m or cfg[0], block_n or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
+    if decode:
+        block_m = max(16, _next_pow2(rows))
     n_m = triton.cdiv(rows, block_m)
     n_blocks = triton.cdiv(s, block_n)
-    if num_splits is None:
-        num_splits = 1
-        if decode and not interp:
-            # enough programs for ~2 waves; each split keeps at least 4 KV blocks
-            want = triton.cdiv(2 * _sm_count(q.device), b * hkv * n_m)
-            num_splits = max(1, min(want, n_blocks // 4))
-    num_splits = max(1, min(int(num_splits), n_blocks))
-    per_split = triton.cdiv(n_blocks, num_splits)
-    num_splits = triton.cdiv(n_blocks, per_split)
-    split = num_splits > 1
     q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
-    if split:
-        part = torch.empty(num_splits, b * hq * t, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(num_splits, b * hq * t, dtype=torch.float32, device=q.device)
-        dest = part
+    if softcap is not None:
+        c_scale, c_cap = 2.0 * _LOG2E * float(scale) / float(softcap), float(softcap) * _LOG2E
     else:
-        lse = dest = out
-    block_list = not decode
-    if block_list:
-        blist, bcount = live_kv_blocks(q_pos, k_pos, group, block_m, block_n, n_m, window)
-    else:
-        blist = bcount = k_pos  # unused
-    grid = (n_m, b * hkv, num_splits)
-    stats = torch.zeros(grid[0] * grid[1] * grid[2], dtype=torch.int32, device=q.device) if block_stats is not None else out
-    _attn_fwd_kernel[grid](
-        q, k, v, q_pos, k_pos, dest, lse, stats, blist, bcount,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        t, s, hq, hkv, per_split, n_blocks,
-        float(scale), float(softcap or 1.0), int(window or 0),
-        GROUP=group, HEAD_DIM=head_dim, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, SPLIT=split, BLOCK_LIST=block_list,
-        COUNT_BLOCKS=block_stats is not None, DOT_MODE=dot_mode(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    if split:
-        _attn_combine_kernel[(b * hq * t,)](
-            part, lse, out, b * hq * t, num_splits, *out.stride(), hq, t,
-            HEAD_DIM=head_dim, D=d, num_warps=1 if head_dim <= 128 else 2,
+        c_scale, c_cap = float(scale) * _LOG2E, 0.0
+    common = dict(HQ=hq, HKV=hkv, GROUP=group, HEAD_DIM=head_dim, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                  HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, COUNT_BLOCKS=block_stats is not None,
+                  DOT_MODE=dot_mode(q.dtype), NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
+    if not decode:
+        ranges = live_kv_ranges(q_pos, k_pos, group, block_m, block_n, n_m, window)
+        stats = torch.zeros(b * hkv * n_m, dtype=torch.int32, device=q.device) if block_stats is not None else out
+        _attn_prefill_kernel[(n_m, b * hkv)](
+            q, k, v, q_pos, k_pos, out, stats, ranges,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            t, s, c_scale, c_cap, int(window or 0), **common,
         )
+        if block_stats is not None:
+            block_stats.append(stats.view(b * hkv, n_m))
+        return out
+    if num_splits is None:
+        num_splits = 1 if interp else decode_splits(b, hkv, n_blocks, _sm_count(q.device))
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    if num_splits > 1:
+        part = torch.empty(num_splits, b * hkv * block_m, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_splits, b * hkv * block_m, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device, b * hkv)
+    else:
+        part = lse = tickets = out  # unused
+    per_split = triton.cdiv(n_blocks, num_splits)
+    scan_j = min(_next_pow2(per_split), max(1, 2048 // block_n))
+    stats = torch.zeros(num_splits * b * hkv, dtype=torch.int32, device=q.device) if block_stats is not None else out
+    _attn_decode_kernel[(b * hkv, num_splits)](
+        q, k, v, q_pos, k_pos, out, part, lse, tickets, stats,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        t, s, n_blocks, c_scale, c_cap, int(window or 0),
+        NUM_SPLITS=num_splits, SCAN_J=scan_j, **common,
+    )
     if block_stats is not None:
-        block_stats.append(stats.view(num_splits, b * hkv, n_m))
+        block_stats.append(stats.view(num_splits, b * hkv, 1))
     return out

@@ -90,8 +90,9 @@ def test_decode_split_kv_over_global_cache(dtype, heads):
                          block_n=16, num_splits=3, block_stats=stats)
     assert_matches(got, want, dtype)
     per_split = stats[0].sum(dim=(1, 2)) // (b * hkv)
-    # 7 blocks of 16 split 3/3/1; slots >= 70 are empty so blocks 5 and 6 are never computed
-    assert per_split.tolist() == [3, 2, 0]
+    # 7 blocks of 16, interleaved over 3 splits: {0, 3, 6}, {1, 4}, {2, 5}; slots >= 70 are empty,
+    # so blocks 5 and 6 are never computed
+    assert per_split.tolist() == [2, 2, 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -151,3 +152,65 @@ def test_flipped_softcap_or_window_is_caught(flip):
     flipped = dict(kw, **({"softcap": None} if flip == "softcap" else {"window": None}))
     other = attention_reference(q, k, v, q_pos, k_pos, **flipped)
     assert (got - other).abs().max().item() > 100 * TOL[torch.float32]
+
+
+@pytest.mark.parametrize("written", [3, 40, 200])
+def test_decode_splits_share_the_live_prefix(written):
+    """A cache of 256 slots with only a prefix written: interleaved splits each compute only their
+    live blocks, so the work is spread over all splits; three calls in a row re-arm the tickets."""
+    from edgeslm.kernels import softcap_attention as sa
+
+    b, hkv, hq, d, max_len, bn, splits = 1, 2, 4, 32, 256, 16, 5
+    for _ in range(3):
+        k, v, k_pos = global_cache(b, hkv, max_len, d, written, torch.float32)
+        q = rand(b, hq, 1, d, dtype=torch.float32)
+        q_pos = torch.tensor([written - 1], device=DEVICE)
+        stats = []
+        got, want = run_both(q, k, v, q_pos, k_pos, scale=0.2, softcap=1.5, block_n=bn, num_splits=splits,
+                             block_stats=stats)
+        assert_matches(got, want, torch.float32)
+        live = -(-written // bn)
+        expected = [len(range(sp, live, splits)) for sp in range(splits)]
+        assert stats[0][:, 0, 0].tolist() == expected
+        assert all(int(t.count_nonzero()) == 0 for t in sa._TICKETS.values())
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_live_ranges_match_a_brute_force_mask(window):
+    """live_kv_ranges against the mask itself: [lo, hi) covers every block with a kept pair, and the
+    blocks of [full_lo, full_hi) keep every pair (what lets the kernel drop the mask there)."""
+    from edgeslm.kernels.softcap_attention import live_kv_ranges
+
+    start, t, group, bm, bn = 37, 90, 2, 32, 8
+    k_pos = torch.cat((ring_positions(start, 16), torch.arange(start, start + t, device=DEVICE)))
+    q_pos = torch.arange(start, start + t, device=DEVICE)
+    rows = t * group
+    n_m = -(-rows // bm)
+    ranges = live_kv_ranges(q_pos, k_pos, group, bm, bn, n_m, window).tolist()
+    qp = q_pos.repeat_interleave(group)
+    keep = (k_pos[None, :] >= 0) & (k_pos[None, :] <= qp[:, None])
+    if window is not None:
+        keep &= qp[:, None] - k_pos[None, :] < window
+    saw_full = False
+    for m, (lo, f_lo, f_hi, hi) in enumerate(ranges):
+        assert lo <= f_lo <= f_hi <= hi
+        block = keep[m * bm:(m + 1) * bm]
+        for j in range(-(-k_pos.numel() // bn)):
+            cols = block[:, j * bn:(j + 1) * bn]
+            if cols.any():
+                assert lo <= j < hi
+            if f_lo <= j < f_hi:
+                assert cols.all() and cols.shape[1] == bn
+                saw_full = True
+    assert saw_full
+
+
+def test_prefill_long_run_of_whole_blocks():
+    """A long causal + window prefill where most blocks are whole: the unmasked loop carries most of
+    the work and the result still matches the reference."""
+    t, d, window = 160, 32, 70
+    k, v, k_pos = global_cache(1, 1, t, d, t, torch.float32)
+    q = rand(1, 2, t, d, dtype=torch.float32)
+    q_pos = torch.arange(t, device=DEVICE)
+    got, want = run_both(q, k, v, q_pos, k_pos, scale=0.3, softcap=2.0, window=window, block_m=32, block_n=16)
+    assert_matches(got, want, torch.float32)
