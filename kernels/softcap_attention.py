@@ -165,7 +165,7 @@ if triton is not None:
         contiguous runs from RANGES[pid_m] = (lo, full_lo, full_hi, hi): partial blocks, blocks the
         mask keeps whole (no mask arithmetic), partial blocks. Which blocks are live and whole is
         decided from the positions (live_kv_ranges), so ring buffers work too."""
-        pid_m = tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query blocks (the most keys) start first
         pid_bh = tl.program_id(1)
         b = pid_bh // HKV
         hk = pid_bh % HKV
@@ -202,6 +202,7 @@ if triton is not None:
         T, S, n_blocks, c_scale, c_cap, window,
         HQ: tl.constexpr, HKV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SCAN_J: tl.constexpr,
+        ROWS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE_CHUNK: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, COUNT_BLOCKS: tl.constexpr, DOT_MODE: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -261,31 +262,49 @@ if triton is not None:
         if NUM_SPLITS == 1:
             tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=o_mask)
         else:
+            # partials of the first ROWS rows (the real ones, T * GROUP <= ROWS), fp32
+            r = tl.arange(0, BLOCK_M)
             lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-            prow = (pid_bh * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # this program's rows
-            n_rows = tl.num_programs(0) * BLOCK_M
-            tl.store(PART + (pid_s * n_rows + prow)[:, None] * HEAD_DIM + d[None, :], out)
-            tl.store(LSE + pid_s * n_rows + prow, lse)
+            prow = (pid_s * tl.num_programs(0) + pid_bh) * ROWS + r
+            tl.store(PART + prow[:, None].to(tl.int64) * HEAD_DIM + d[None, :], out, mask=(r < ROWS)[:, None])
+            tl.store(LSE + prow, lse, mask=r < ROWS)
             tl.debug_barrier()  # every thread's part is written before the ticket is taken
             ticket = tl.atomic_add(TICKET + pid_bh, 1, sem="acq_rel", scope="gpu")
             if ticket == NUM_SPLITS - 1:
-                top = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                total = tl.zeros([BLOCK_M], tl.float32)
-                res = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-                for i in range(NUM_SPLITS):
-                    lse_i = tl.load(LSE + i * n_rows + prow, cache_modifier=".cg")
-                    new_top = tl.maximum(top, lse_i)
-                    safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # empty splits carry -inf
-                    alpha = tl.exp2(top - safe)
-                    w = tl.exp2(lse_i - safe)
-                    part = tl.load(PART + (i * n_rows + prow)[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
-                    res = res * alpha[:, None] + part * w[:, None]
-                    total = total * alpha + w
-                    top = new_top
-                res = res / tl.where(total > 0.0, total, 1.0)[:, None]
-                tl.store(o_ptrs, res.to(OUT.dtype.element_ty), mask=o_mask)
+                _merge_splits(PART, LSE, OUT, b, hk, pid_bh, tl.num_programs(0), T, sob, soh, sot, sod,
+                              GROUP, HEAD_DIM, D, ROWS, NUM_SPLITS, SPLITS_P2, MERGE_CHUNK)
                 tl.atomic_xchg(TICKET + pid_bh, 0, sem="relaxed", scope="gpu")
 
+    @triton.jit
+    def _merge_splits(PART, LSE, OUT, b, hk, pid_bh, n_bh, T, sob, soh, sot, sod,
+                      GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr,
+                      NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+        """out = sum_s w_s part_s / sum_s w_s with w_s = 2**(lse_s - max lse), for this (batch, kv
+        head)'s rows; all log2-sum-exps in one load, the partials MERGE_CHUNK splits a load, in
+        split order (deterministic). Empty splits carry -inf and weigh 0."""
+        r = tl.arange(0, ROWS)
+        d = tl.arange(0, HEAD_DIM)
+        sp = tl.arange(0, SPLITS_P2)
+        lse_all = tl.load(LSE + (sp[:, None] * n_bh + pid_bh) * ROWS + r[None, :], mask=(sp < NUM_SPLITS)[:, None],
+                          other=float("-inf"), cache_modifier=".cg")
+        top = tl.max(lse_all, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.sum(tl.exp2(lse_all - top[None, :]), axis=0)
+        res = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        c = tl.arange(0, MERGE_CHUNK)
+        for s0 in range(0, NUM_SPLITS, MERGE_CHUNK):
+            si = s0 + c
+            s_ok = si < NUM_SPLITS
+            prow = (si[:, None] * n_bh + pid_bh) * ROWS + r[None, :]  # [chunk, ROWS]
+            w = tl.exp2(tl.load(LSE + prow, mask=s_ok[:, None], other=float("-inf"), cache_modifier=".cg") - top[None, :])
+            part = tl.load(PART + prow[:, :, None].to(tl.int64) * HEAD_DIM + d[None, None, :], mask=s_ok[:, None, None],
+                           other=0.0, cache_modifier=".cg")
+            res += tl.sum(part * w[:, :, None], axis=0)
+        res = res / tl.where(total > 0.0, total, 1.0)[:, None]
+        t = r // GROUP
+        h = hk * GROUP + r % GROUP
+        tl.store(OUT + b.to(tl.int64) * sob + h[:, None].to(tl.int64) * soh + t[:, None].to(tl.int64) * sot + d[None, :] * sod,
+                 res.to(OUT.dtype.element_ty), mask=(r < T * GROUP)[:, None] & (d < D)[None, :])
 
 def dot_mode(dtype) -> int:
     """The _dot variant for an input dtype (see _dot)."""
@@ -363,9 +382,10 @@ def _sm_count(device) -> int:
 
 
 def decode_splits(b: int, hkv: int, n_blocks: int, sms: int) -> int:
-    """KV splits for a decode launch: enough programs for ~2 per SM, at most one split per block
-    (splits are interleaved, so they share whatever prefix of the cache is live)."""
-    return max(1, min(triton.cdiv(2 * sms, b * hkv), n_blocks))
+    """KV splits for a decode launch: one program per SM (each keeps NUM_STAGES K / V tiles in
+    flight, more than an SM needs to cover memory latency), at most one split per block. Splits are
+    interleaved, so they share whatever prefix of the cache is live."""
+    return max(1, min(triton.cdiv(sms, b * hkv), n_blocks))
 
 
 _TICKETS: dict = {}
@@ -451,9 +471,10 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     if num_splits is None:
         num_splits = 1 if interp else decode_splits(b, hkv, n_blocks, _sm_count(q.device))
     num_splits = max(1, min(int(num_splits), n_blocks))
+    merge_rows = _next_pow2(rows)
     if num_splits > 1:
-        part = torch.empty(num_splits, b * hkv * block_m, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(num_splits, b * hkv * block_m, dtype=torch.float32, device=q.device)
+        part = torch.empty(num_splits * b * hkv * merge_rows, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(num_splits * b * hkv * merge_rows, dtype=torch.float32, device=q.device)
         tickets = _tickets(q.device, b * hkv)
     else:
         part = lse = tickets = out  # unused
@@ -464,7 +485,8 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         q, k, v, q_pos, k_pos, out, part, lse, tickets, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         t, s, n_blocks, c_scale, c_cap, int(window or 0),
-        NUM_SPLITS=num_splits, SCAN_J=scan_j, **common,
+        NUM_SPLITS=num_splits, SCAN_J=scan_j, ROWS=merge_rows, SPLITS_P2=_next_pow2(num_splits),
+        MERGE_CHUNK=min(_next_pow2(num_splits), max(1, 8192 // (merge_rows * head_dim))), **common,
     )
     if block_stats is not None:
         block_stats.append(stats.view(num_splits, b * hkv, 1))
