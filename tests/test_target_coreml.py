@@ -7,8 +7,6 @@ a prefill chunk overwrites a whole ring at once.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -56,7 +54,7 @@ def test_wrapper_is_the_decoder_function():
     from tiny import tiny_pair
 
     _, dec = tiny_pair("gemma2")
-    step = CoreMLStep(copy.deepcopy(dec), CONTEXT, cache_dtype=torch.float32).eval()
+    step = CoreMLStep(dec, CONTEXT, cache_dtype=torch.float32).eval()
     ids = torch.randint(0, dec.spec.vocab_size, (1, 44), generator=torch.Generator().manual_seed(0))
     cache = dec.new_cache(1, CONTEXT)
     with torch.no_grad():

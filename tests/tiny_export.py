@@ -21,9 +21,9 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
 
 
-def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0, **overrides) -> Path:
+def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0) -> Path:
     """Writes config.json + model.safetensors + tokenizer files of tiny_pair(family) into folder."""
-    hf, _ = tiny_pair(family, seed=seed, **overrides)
+    hf, _ = tiny_pair(family, seed=seed)
     folder = Path(folder)
     hf.save_pretrained(str(folder), safe_serialization=True)
     char_tokenizer().save_pretrained(str(folder))
