@@ -9,8 +9,16 @@
  - Distillation: loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher_T || student_T), with
    both distributions at temperature T (Hinton et al. 2015); the teacher must share the vocabulary.
  - Gradient accumulation, a tqdm bar, a resumable checkpoint (<out>.checkpoint/: adapter weights,
-   AdamW moments and the step, as safetensors + JSON, no pickle), and --merge, which folds the
-   adapters into float weights and writes a plain Hugging Face folder that load_model reads.
+   AdamW moments, each rank's RNG state and the step, as safetensors + JSON, no pickle), and
+   --merge, which folds the adapters into float weights and writes a plain Hugging Face folder that
+   load_model reads.
+ - Several processes: under torchrun or `accelerate launch` (which set RANK / WORLD_SIZE) the same
+   command joins a torch.distributed group (gloo on CPU, nccl on CUDA) and wraps the model in DDP,
+   or shards it with FSDP (fully_shard per decoder layer) with --fsdp. Every rank draws the same
+   global micro-batch and trains on its slice, and the loss is the mean over every labelled token
+   of the step, so N processes x batch B follow the same curve as 1 process x batch N*B. Rank 0
+   writes the checkpoint (atomically) and the output; a checkpoint records its world size and
+   resumes only under the same one.
 
 Data: .txt (packed into windows of --seq-len tokens) or .jsonl records with "text", "prompt" +
 "response" (only the response is trained on) or chat "messages", formatted by the tokenizer's
@@ -279,55 +287,187 @@ def lm_loss(logits, labels):
                            ignore_index=IGNORE)
 
 
+# ---------------------------------------------------------------- processes: one, or many under a launcher
+
+
+@dataclass
+class Processes:
+    """This process's place in the launch: torchrun and `accelerate launch` both set RANK, WORLD_SIZE
+    and LOCAL_RANK (and MASTER_ADDR/PORT), which torch.distributed's env:// initialization reads."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def sum(self, value: float) -> float:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def gather_objects(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def start_processes() -> Processes:
+    """Joins the process group when a launcher started this process (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not torch.distributed.is_initialized():
+        import datetime
+
+        torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+    return Processes(rank=rank, world=world, local_rank=local, device=device)
+
+
+def stop_processes(procs: Processes):
+    if procs.distributed and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a collective: every rank calls it in the same order)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().cpu().contiguous()
+
+
+def _like(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `param`: this rank's shard for an FSDP parameter, the tensor otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    full = full.to(param.dtype)
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements)
+    return full.to(param.device)
+
+
+def wrap_model(model, procs: Processes, fsdp: bool):
+    """DDP (every rank holds the whole model, gradients are averaged) or FSDP (fully_shard per
+    decoder layer, then the root: each rank holds a slice of every parameter)."""
+    if not procs.distributed:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[procs.local_rank] if procs.device.startswith("cuda") else None)
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
 # ---------------------------------------------------------------- checkpoint
 
 
-def _save_checkpoint(folder: Path, model, optimizer, step: int, losses: list, cfg: FinetuneConfig):
+def _gather_state(model, optimizer):
+    """-> (adapters, AdamW moments, AdamW step), whole tensors on the CPU, named as in the unwrapped model."""
+    adapters, moments = {}, {}
+    for name, p in unwrap(model).named_parameters():
+        if "lora_" not in name:
+            continue
+        adapters[name] = _full(p)
+        st = optimizer.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                moments[f"{name}::{key}"] = _full(st[key])
+    opt_step = next((float(s["step"]) for s in optimizer.state.values() if "step" in s), 0.0)
+    return adapters, moments, opt_step
+
+
+def _save_checkpoint(folder: Path, model, optimizer, step: int, losses: list, cfg: FinetuneConfig,
+                     procs: Processes):
+    """Every rank gathers (FSDP shards are collectives); rank 0 writes a temporary sibling and renames
+    it into place, so a rank killed at any moment leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(adapter_state(model), tmp / "adapter.safetensors")
-    moments = {}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            st = optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    moments[f"{names[id(p)]}::{key}"] = st[key].contiguous()
-    opt_step = next((float(s["step"]) for s in optimizer.state.values() if "step" in s), 0.0)
-    save_file(moments, tmp / "optimizer.safetensors")
-    save_file({"cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_step": opt_step, "losses": losses,
-                                                "config": asdict(cfg)}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    adapters, moments, opt_step = _gather_state(model, optimizer)
+    rng = procs.gather_objects(torch.get_rng_state())
+    if procs.main:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(adapters, tmp / "adapter.safetensors")
+        save_file(moments, tmp / "optimizer.safetensors")
+        save_file({f"rank{r}": t for r, t in enumerate(rng)}, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer_step": opt_step, "losses": losses,
+                                                    "world_size": procs.world, "config": asdict(cfg)}, indent=2))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():  # at every moment one complete checkpoint exists: folder, or old
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    procs.barrier()
 
 
-def _load_checkpoint(folder: Path, model, optimizer, cfg: FinetuneConfig):
+def _read_checkpoint(folder: Path, cfg: FinetuneConfig, procs: Processes):
+    """Reads and checks a checkpoint without changing anything (nor the folder itself)."""
     from safetensors.torch import load_file
 
     try:
         state = json.loads((folder / "state.json").read_text())
         adapters = load_file(folder / "adapter.safetensors")
         moments = load_file(folder / "optimizer.safetensors")
-        rng = load_file(folder / "rng.safetensors")["cpu"]
+        rng = load_file(folder / "rng.safetensors")
     except Exception as e:  # any unreadable piece means the checkpoint cannot be trusted
         raise EdgeSLMError(f"{folder} is not a readable fine-tuning checkpoint ({type(e).__name__})") from None
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != procs.world:
+        raise EdgeSLMError(f"{folder} was written by {saved_world} process(es) and this launch has {procs.world}: "
+                           f"relaunch with {saved_world} (torchrun --nproc_per_node {saved_world}) to resume it, or "
+                           "delete it to start over")
     saved = state["config"]
     for key in ("rank", "targets", "qlora", "batch_size", "grad_accum", "seq_len", "seed"):
         if (list(saved[key]) if key == "targets" else saved[key]) != (list(getattr(cfg, key)) if key == "targets" else getattr(cfg, key)):
             raise EdgeSLMError(f"{folder} was written with {key}={saved[key]!r}; rerun with the same options or delete it")
-    params = dict(model.named_parameters())
-    for n, t in adapters.items():
-        params[n].data.copy_(t)
+    return state, adapters, moments, rng.get(f"rank{procs.rank}", rng.get("cpu"))
+
+
+def _apply_checkpoint(model, optimizer, checkpoint):
+    state, adapters, moments, rng = checkpoint
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for n, t in adapters.items():
+            p = params[n]
+            local = _like(p, t)
+            p.copy_(local)
     for n, p in params.items():
         if f"{n}::exp_avg" in moments:
             optimizer.state[p] = {"step": torch.tensor(state["optimizer_step"]),
-                                  "exp_avg": moments[f"{n}::exp_avg"], "exp_avg_sq": moments[f"{n}::exp_avg_sq"]}
-    torch.set_rng_state(rng)  # dropout masks continue as in an uninterrupted run
+                                  "exp_avg": _like(p, moments[f"{n}::exp_avg"]),
+                                  "exp_avg_sq": _like(p, moments[f"{n}::exp_avg_sq"])}
+    if rng is not None:
+        torch.set_rng_state(rng)  # dropout masks continue as in an uninterrupted run
     return state["step"], state["losses"]
 
 
@@ -335,7 +475,17 @@ def _load_checkpoint(folder: Path, model, optimizer, cfg: FinetuneConfig):
 
 
 def finetune(model_name, data, out, cfg: FinetuneConfig, merge: bool = False, resume: bool = False,
-             force: bool = False, progress: bool = True) -> dict:
+             force: bool = False, progress: bool = True, fsdp: bool = False, dtype: str = "fp32") -> dict:
+    """LoRA / QLoRA / distillation in this process, or in every process of a torchrun / `accelerate
+    launch` group (DDP, or FSDP with fsdp=True); rank 0 writes the checkpoint and the output."""
+    procs = start_processes()
+    try:
+        return _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, dtype, procs)
+    finally:
+        stop_processes(procs)
+
+
+def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, dtype, procs: Processes) -> dict:
     from .artifact import atomic_folder
     from .loading import load_model
     from .quantize import quantize_model
@@ -350,19 +500,34 @@ def finetune(model_name, data, out, cfg: FinetuneConfig, merge: bool = False, re
             raise EdgeSLMError(f"{name} must be at least {lo}")
     if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.temperature <= 0 or not 0.0 <= cfg.dropout < 1.0:
         raise EdgeSLMError("need 0 <= kd alpha <= 1, temperature > 0 and 0 <= dropout < 1")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise EdgeSLMError(f"--dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
     scheme = get_scheme(cfg.qlora) if cfg.qlora else None
     if scheme is not None and scheme.bits != 4:
         raise EdgeSLMError(f"--qlora needs an int4 scheme, not {scheme.name}")
+    if fsdp and not procs.distributed:
+        raise EdgeSLMError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
+                           "(or accelerate launch) and N >= 2")
+    ckpt = out.with_name(out.name + ".checkpoint")
+    checkpoint = None
+    if resume:
+        # a launch killed between the two renames of _save_checkpoint left the previous one as .old
+        for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+            if (candidate / "state.json").is_file():
+                checkpoint = _read_checkpoint(candidate, cfg, procs)  # refused before any training or writing
+                break
+    progress = progress and procs.main
     torch.manual_seed(cfg.seed)
-    model, tok, folder = load_model(model_name)
+    model, tok, folder = load_model(model_name, dtype=dtypes[dtype])
     examples = load_examples(data, tok, cfg.seq_len)
     teacher = None
     if cfg.teacher:
-        teacher, ttok, _ = load_model(cfg.teacher)
+        teacher, ttok, _ = load_model(cfg.teacher, dtype=dtypes[dtype])
         if teacher.spec.vocab_size != model.spec.vocab_size or ttok.get_vocab() != tok.get_vocab():
             raise EdgeSLMError(f"the teacher's vocabulary ({teacher.spec.vocab_size} tokens) differs from the "
                                f"student's ({model.spec.vocab_size}); distillation needs the same tokenizer")
-        teacher.eval()
+        teacher.eval().to(procs.device)
     if scheme is not None:
         from .qformat import is_quantized_folder
 
@@ -370,65 +535,124 @@ def finetune(model_name, data, out, cfg: FinetuneConfig, merge: bool = False, re
             raise EdgeSLMError(f"{folder} is already quantized; drop --qlora (QLoRA runs over it as it is)")
         quantize_model(model, scheme, None if not scheme.needs_calibration else _calibration(tok), progress=progress)
     quantized_base = any(type(m).__name__ in ("Int4Linear", "Int8Linear") for m in model.modules())
-    model = add_lora(model, cfg)
+    model = add_lora(model, cfg).to(procs.device)
+    if procs.distributed:
+        torch.manual_seed(cfg.seed + 1000 * procs.rank)  # each rank its own dropout masks, the same LoRA init
     model.train()
+    trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model = wrap_model(model, procs, fsdp)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    per_step = cfg.batch_size * cfg.grad_accum
+    global_batch = cfg.batch_size * procs.world  # sequences per micro-batch over all ranks
+    per_step = global_batch * cfg.grad_accum
     steps = cfg.steps or max(1, math.ceil(len(examples) * cfg.epochs / per_step))
-    ckpt = out.with_name(out.name + ".checkpoint")
     step, losses = 0, []
-    if resume and (ckpt / "state.json").is_file():
-        step, losses = _load_checkpoint(ckpt, model, optimizer, cfg)
+    if checkpoint is not None:
+        step, losses = _apply_checkpoint(model, optimizer, checkpoint)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc="finetune", unit="step", disable=not progress)
     while step < steps:
         optimizer.zero_grad(set_to_none=True)
+        # each rank takes its slice of every global micro-batch; the loss is the mean over every labelled
+        # token of the step (all micro-batches, all ranks), so N ranks x batch B == 1 rank x batch N*B
+        micro = [_batch(examples, cfg, step * cfg.grad_accum + m, global_batch) for m in range(cfg.grad_accum)]
+        step_tokens = sum(_labelled(b) for b in micro)
         total = 0.0
-        for micro in range(cfg.grad_accum):
-            ids, labels = collate(_batch(examples, cfg, step * cfg.grad_accum + micro), pad)
-            logits = model(ids)[0]
-            if teacher is not None:
-                with torch.no_grad():
-                    tlogits = teacher(ids)[0]
-                loss, _ = distill_loss(logits, tlogits, labels, cfg.temperature, cfg.kd_alpha)
-            else:
-                loss = lm_loss(logits, labels)
-            (loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+        for m, batch in enumerate(micro):
+            mine = batch[procs.rank * cfg.batch_size : (procs.rank + 1) * cfg.batch_size]
+            ids, labels = collate(mine, pad)
+            ids, labels = ids.to(procs.device), labels.to(procs.device)
+            n = _labelled(mine)
+            with _gradient_sync(model, procs, fsdp, last=m == cfg.grad_accum - 1):
+                logits = model(ids)[0]
+                if teacher is not None:
+                    with torch.no_grad():
+                        tlogits = teacher(ids)[0]
+                    loss, _ = distill_loss(logits, tlogits, labels, cfg.temperature, cfg.kd_alpha) if n else (None, None)
+                else:
+                    loss = lm_loss(logits, labels) if n else None
+                # a rank whose slice has no label still joins the gradient reduction, with zero
+                weighted = loss * (n / step_tokens) if loss is not None else logits.sum() * 0.0
+                (weighted * procs.world).backward()  # DDP and FSDP average gradients over ranks
+            total += float(weighted.detach())
         optimizer.step()
         step += 1
+        total = procs.sum(total)
         losses.append(round(total, 5))
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
         if step % cfg.save_every == 0 or step == steps:
-            _save_checkpoint(ckpt, model, optimizer, step, losses, cfg)
+            _save_checkpoint(ckpt, model, optimizer, step, losses, cfg, procs)
     bar.close()
     seconds = time.perf_counter() - start
-    model.eval()
+    adapters, _, _ = _gather_state(model, optimizer)
     facts = {"model": str(folder), "data": str(data), "out": str(out), "examples": len(examples), "steps": steps,
              "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
              "losses": losses, "qlora": quantized_base, "teacher": cfg.teacher, "merged": merge,
-             "trainable_parameters": sum(p.numel() for p in trainable), "seconds": round(seconds, 1),
-             "config": asdict(cfg)}
-    from safetensors.torch import save_file
+             "trainable_parameters": trainable_count, "seconds": round(seconds, 1),
+             "processes": procs.world, "parallel": ("fsdp" if fsdp else "ddp") if procs.distributed else None,
+             "effective_batch": per_step, "dtype": dtype, "rank": procs.rank, "config": asdict(cfg)}
+    if procs.main:
+        from safetensors.torch import save_file
 
-    with atomic_folder(out, force=force) as tmp:
-        save_file(adapter_state(model), tmp / "adapter.safetensors")
-        if merge:
-            save_hf_folder(merge_adapters(model), tok, tmp)
-        (tmp / "finetune.json").write_text(json.dumps(facts, indent=2))
+        with atomic_folder(out, force=force) as tmp:
+            save_file(adapters, tmp / "adapter.safetensors")
+            if merge:
+                save_hf_folder(merge_adapters(_merge_base(model, adapters, model_name, cfg, scheme, dtypes[dtype],
+                                                          fsdp)), tok, tmp)
+            (tmp / "finetune.json").write_text(json.dumps(facts, indent=2))
+    procs.barrier()
     # the checkpoint stays: --resume with a larger --steps trains on from it
     return facts
 
 
-def _batch(examples, cfg: FinetuneConfig, index: int):
-    """Micro-batch `index` of a seeded shuffle per epoch: the same on a resumed run."""
+def _merge_base(model, adapters, model_name, cfg, scheme, dtype, fsdp):
+    """A whole, unsharded model carrying the trained adapters, on the CPU, for merging."""
+    if not fsdp:
+        return unwrap(model).cpu()
+    from .loading import load_model
+    from .quantize import quantize_model
+
+    base, _, _ = load_model(model_name, dtype=dtype, with_tokenizer=False)
+    if scheme is not None:
+        quantize_model(base, scheme, None if not scheme.needs_calibration else _calibration(load_model(model_name)[1]),
+                       progress=False)
+    base = add_lora(base, cfg)
+    params = dict(base.named_parameters())
+    with torch.no_grad():
+        for n, t in adapters.items():
+            params[n].copy_(t)
+    return base
+
+
+def _gradient_sync(model, procs: Processes, fsdp: bool, last: bool):
+    """Gradients are reduced across ranks once per optimizer step, on its last micro-batch."""
+    import contextlib
+
+    if not procs.distributed or last:
+        if fsdp and procs.distributed:
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if fsdp:
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _labelled(batch) -> int:
+    """Positions that carry a loss (a label after the first token)."""
+    return sum(sum(1 for lab in labels[1:] if lab != IGNORE) for _, labels in batch)
+
+
+def _batch(examples, cfg: FinetuneConfig, index: int, size: int | None = None):
+    """Micro-batch `index` (of `size` sequences, default the batch size) of a seeded shuffle per epoch:
+    the same on a resumed run and for any number of processes."""
     n = len(examples)
-    first = index * cfg.batch_size
+    size = size or cfg.batch_size
+    first = index * size
     out = []
-    for j in range(first, first + cfg.batch_size):
+    for j in range(first, first + size):
         epoch, pos = divmod(j, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         out.append(examples[order[pos]])

@@ -26,7 +26,9 @@ def add_arguments(p):
     g.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (default %(default)s)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
     g.add_argument("--epochs", type=float, default=d.epochs, help="passes over the data (default %(default)s)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per micro-batch (default %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per micro-batch in each process (default %(default)s); a step sees "
+                        "batch size x grad accum x processes sequences")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (default %(default)s)")
     g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed)
@@ -38,6 +40,13 @@ def add_arguments(p):
     g.add_argument("--temperature", type=float, default=d.temperature, help="KL temperature T (default %(default)s)")
     g.add_argument("--kd-alpha", type=float, default=d.kd_alpha,
                    help="weight of the CE term; KL gets 1 - alpha (default %(default)s)")
+    g = p.add_argument_group("several processes (torchrun --nproc_per_node N -m edgeslm.cli.main finetune ..., "
+                             "or accelerate launch)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard parameters, gradients and optimizer state across the processes (FSDP, one unit per "
+                        "decoder layer) instead of replicating the model on each (DDP, the default)")
+    g.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="dtype of the model and adapters while training (default %(default)s; bf16 on GPUs)")
     p.add_argument("--merge", action="store_true", help="fold the adapters into float weights and write a model folder")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -51,11 +60,14 @@ def run(args) -> int:
                          seq_len=args.seq_len, seed=args.seed, qlora=args.qlora, teacher=args.teacher,
                          temperature=args.temperature, kd_alpha=args.kd_alpha, save_every=args.save_every)
     facts = finetune(args.model, args.data, args.out, cfg, merge=args.merge, resume=args.resume,
-                     force=args.force, progress=not args.no_progress)
+                     force=args.force, progress=not args.no_progress, fsdp=args.fsdp, dtype=args.dtype)
+    if facts["rank"] != 0:  # under a launcher only the first process reports
+        return 0
     if not args.json:
         facts = dict(facts)
     emit(facts, args.json, lambda r: print(
         f"{r['steps']} steps over {r['examples']} examples in {r['seconds']} s"
+        f"{' on ' + str(r['processes']) + ' processes (' + r['parallel'].upper() + ')' if r['parallel'] else ''}"
         f"{' (QLoRA over the int4 base)' if r['qlora'] else ''}{' distilled from ' + r['teacher'] if r['teacher'] else ''}: "
         f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}; {r['trainable_parameters']:,} trainable parameters\n"
         f"wrote {r['out']}{' (merged float model)' if r['merged'] else ' (adapters)'}"))
