@@ -411,11 +411,13 @@ def gpu_config(m: int, n: int, k: int, dtype, backward: bool = False) -> tuple[i
     GPU so far): chosen from the sm_90 builds (benchmarks/kernel_audit.py) as the largest tiles that
     compile without spills, with 16-byte weight loads and the software pipeline kept in flight."""
     if backward:
-        return (16, 64, 128, 4, 2) if m <= 16 else (64, 64, 128, 8, 2)
+        if dtype == torch.float32:
+            return 16, 32, 64, 2, 3
+        return (16, 64, 128, 4, 3) if m <= 16 else (64, 64, 128, 8, 3)
     if m == 1:  # GEMV on the FMA units: 8 rows x 32 codes per thread per K step (4 for fp32)
         return (1, 64, 256, 4, 3) if dtype == torch.float32 else (1, 128, 256, 4, 3)
     if dtype == torch.float32:  # fp32 dots run on the FMA units (no tf32): small tiles
-        return 16, 64, 64, 4, 2
+        return 16, 64, 64, 4, 3
     # tensor cores, weights as the wgmma A operand (BLOCK_N = its M, 64 per warpgroup) and the
     # activations as B (BLOCK_M = its N, up to 256)
     if m <= 16:  # split-K fills the GPU
@@ -445,8 +447,8 @@ def plan_forward(m: int, n: int, k: int, dtype, sms: int = 132, interpret: bool 
     split_k = override.get("split_k")
     if split_k is None:
         split_k = 1
-        if m <= 16 and not interpret:  # split K until the grid covers ~2 programs per SM, >= 2 K steps each
-            split_k = max(1, min(triton.cdiv(2 * sms, n_tiles), k // (2 * bk)))
+        if m <= 16 and not interpret:  # split K until the grid holds up to 2 programs per SM (one wave), >= 2 K steps each
+            split_k = max(1, min((2 * sms) // n_tiles, k // (2 * bk)))
     words = triton.cdiv(triton.cdiv(k, split_k), bk) * bk // 8  # whole K steps per split
     split_k = triton.cdiv(k // 8, words)
     return Plan(kind, bm, bn, bk, split_k, nw, ns, (n_tiles, split_k), words)

@@ -367,7 +367,9 @@ def gpu_config(head_dim: int, dtype, decode: bool) -> tuple[int, int, int, int]:
     the sm_90 builds (benchmarks/kernel_audit.py) as the largest tiles that compile without register
     spills with the loads software-pipelined. fp32 takes the FMA path (no tf32) and needs small tiles."""
     if dtype == torch.float32:
-        return (16, 32, 4, 2) if decode or head_dim > 128 else (32, 32, 8, 2)
+        if head_dim <= 64:
+            return (16, 32, 4, 3) if decode else (32, 32, 8, 3)
+        return (16, 32, 8, 3) if head_dim <= 128 else (16, 32, 4, 3)
     if decode:  # one KV stream per program; BLOCK_M = 16 is the smallest tl.dot tile
         return (16, 64, 4, 3) if head_dim <= 128 else (16, 32, 4, 3)
     if head_dim <= 128:
@@ -403,9 +405,28 @@ def _tickets(device, count: int) -> torch.Tensor:
     return buf
 
 
+def prefill_ranges(q, k, q_pos, k_pos, window=None, block_m=None, block_n=None):
+    """The (lo, full_lo, full_hi, hi) table that `attention` computes for a prefill launch with these
+    arguments, to pass back as kv_ranges= (benchmarks time this bookkeeping apart from the kernel,
+    as they do FlexAttention's block-mask creation)."""
+    group = q.shape[1] // k.shape[1]
+    rows = q.shape[2] * group
+    cfg = _launch_blocks(q.dtype, max(16, _next_pow2(q.shape[3])), rows, k.shape[2], decode=False)
+    bm, bn = block_m or cfg[0], block_n or cfg[1]
+    q_pos = q_pos.to(device=q.device, dtype=torch.int64)
+    k_pos = k_pos.to(device=q.device, dtype=torch.int64)
+    return live_kv_ranges(q_pos, k_pos, group, bm, bn, triton.cdiv(rows, bm), window)
+
+
+def _launch_blocks(dtype, head_dim, rows, s, decode):
+    if _interpreting():  # few, large blocks: interpreter time grows with programs x loop trips
+        return min(128, max(16, _next_pow2(rows))), min(128, max(16, _next_pow2(s))), 4, 1
+    return gpu_config(head_dim, dtype, decode)
+
+
 def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
               block_m=None, block_n=None, num_splits=None, num_warps=None, num_stages=None,
-              block_stats: list | None = None, out=None):
+              block_stats: list | None = None, out=None, kv_ranges=None):
     """The Triton kernels, same semantics as `attention_reference` (returns q.dtype).
 
     At most 16 query rows per kv head (decode) take the one-launch split-KV kernel; more rows take
@@ -416,6 +437,7 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     [num_splits, B * Hkv, 1] for decode.
     A query row that sees no key at all returns zeros (the reference returns NaN there).
     out: an optional [B, Hq, T, D] tensor of q's dtype to write into (tests poison it first).
+    kv_ranges: prefill only, the table prefill_ranges() returns for the same arguments.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use attention_reference")
@@ -438,10 +460,7 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         return out
     interp = _interpreting()
     decode = rows <= 16
-    if interp:  # few, large blocks: interpreter time grows with programs x loop trips
-        cfg = (min(128, max(16, _next_pow2(rows))), min(128, max(16, _next_pow2(s))), 4, 1)
-    else:
-        cfg = gpu_config(head_dim, q.dtype, decode)
+    cfg = _launch_blocks(q.dtype, head_dim, rows, s, decode)
     block_m, block_n = block_m or cfg[0], block_n or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
     if decode:
@@ -458,7 +477,9 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
                   HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, COUNT_BLOCKS=block_stats is not None,
                   DOT_MODE=dot_mode(q.dtype), NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
     if not decode:
-        ranges = live_kv_ranges(q_pos, k_pos, group, block_m, block_n, n_m, window)
+        ranges = live_kv_ranges(q_pos, k_pos, group, block_m, block_n, n_m, window) if kv_ranges is None else kv_ranges
+        if ranges.shape != (n_m, 4):
+            raise ValueError(f"attention: kv_ranges {tuple(ranges.shape)} do not fit {n_m} query blocks")
         stats = torch.zeros(b * hkv * n_m, dtype=torch.int32, device=q.device) if block_stats is not None else out
         _attn_prefill_kernel[(n_m, b * hkv)](
             q, k, v, q_pos, k_pos, out, stats, ranges,
