@@ -9,10 +9,22 @@ torch.compile'd FlexAttention with the same score_mod and block mask, and agains
 computes the same function (no soft-cap, no window); decode attention (batch 1..64, kv 1k..32k);
 int4 GEMV / GEMM (K = N = 4096 / 8192, groups 32 / 128) against bf16 torch.matmul.
 
-Times are medians of triton.testing.do_bench over rotating input sets (enough sets to exceed twice
-the L2 cache, so weights and KV are read from HBM as in a real decode). TFLOP/s count only the
-work the mask keeps. One table goes to stdout, the figures to --out as JSON. Once --budget-s has
-passed, the remaining measurements are skipped and listed as skipped (never silently dropped).
+Methodology:
+- times are medians (CUDA graphs of many calls, triton.testing.do_bench_cudagraph) over rotating input
+  sets, enough sets that one pass reads more than twice the L2 (so weights and KV come from HBM, as in a
+  real decode); every figure is given against both the card's measured ceilings (D2D copy, bf16
+  matmul) and its datasheet figures;
+- prefill is compared with FlexAttention compiled with mode="max-autotune-no-cudagraphs" (the config
+  it picks is logged by inductor; the mode is recorded), two ways: bookkeeping out (flex's block mask
+  and our live-range table made once, outside the timing) and bookkeeping in (both made inside every
+  timed call);
+- decode has a peer too: compiled FlexAttention on one query row (its flex-decoding path);
+- int4 covers the zero-point path as well, and the GEMV goals are checked at M = 1;
+- every benchmarked shape is first checked against the torch reference (prefill on a slice of query
+  rows), and a mismatch is reported as a failed row;
+- TFLOP/s count only the work the mask keeps.
+One table goes to stdout, the figures to --out as JSON. Once --budget-s has passed, the remaining
+measurements are skipped and listed as skipped (never silently dropped).
 
 --smoke runs tiny shapes on the CPU under TRITON_INTERPRET=1 to check the script itself; its
 figures mean nothing.
@@ -41,6 +53,10 @@ GOALS = {
     "gemv_frac_copy": 0.7,
     "gemm_vs_bf16": 0.9,  # at M >= 1024
 }
+
+# datasheet (copy GB/s as HBM bandwidth, dense bf16 TFLOP/s), matched against the device name
+DATASHEET = (("H200", 4800.0, 989.4), ("H100 PCIe", 2000.0, 756.0), ("H100", 3350.0, 989.4),
+             ("A100-SXM4-80GB", 2039.0, 312.0), ("A100", 1555.0, 312.0), ("L40S", 864.0, 362.0))
 
 # Gemma-2-2B attention
 HQ, HKV, HEAD_DIM, SOFTCAP, WINDOW, SCALE = 8, 4, 256, 50.0, 4096, 256 ** -0.5
@@ -72,6 +88,7 @@ class Runner:
         self.t0 = time.perf_counter()
         self.rows, self.skipped, self.notes = [], [], []
         self.ceil = {}
+        self.datasheet = {}
         self.timer = "wall"  # how the last bench_ms timed (cudagraph / eager / wall)
         if device == "cuda":
             import torch
@@ -86,7 +103,7 @@ class Runner:
             return True
         return False
 
-    def sets_for(self, nbytes: int, cap: int = 16) -> int:
+    def sets_for(self, nbytes: int, cap: int = 64) -> int:
         """Input sets to rotate through so that one pass reads more than twice the L2."""
         return max(1, min(cap, math.ceil(2 * self.l2 / max(nbytes, 1))))
 
@@ -140,16 +157,23 @@ class Runner:
             return None
 
     def add(self, part, shape, ms, *, tflops=None, gbps=None, peer=None, peer_ms=None, ratio_goal=None,
-            frac=None, frac_goal=None):
+            frac=None, frac_goal=None, max_err=None, correct=None):
         ratio = (peer_ms / ms) if peer_ms else None
+        sheet = None
+        if self.datasheet and gbps is not None and tflops is None:
+            sheet = gbps / self.datasheet["copy_gbps"]
+        elif self.datasheet and tflops is not None:
+            sheet = tflops / self.datasheet["bf16_tflops"]
         met = None
         if ratio_goal is not None and ratio is not None:
             met = ratio >= ratio_goal
         if frac_goal is not None and frac is not None:
             met = (met is not False) and frac >= frac_goal
+        if correct is False:
+            met = False
         row = dict(part=part, shape=shape, ms=ms, tflops=tflops, gbps=gbps, peer=peer, peer_ms=peer_ms,
-                   ratio=ratio, ratio_goal=ratio_goal, frac_ceiling=frac, frac_goal=frac_goal, goal_met=met,
-                   timer=self.timer)
+                   ratio=ratio, ratio_goal=ratio_goal, frac_ceiling=frac, frac_datasheet=sheet, frac_goal=frac_goal,
+                   goal_met=met, max_err=max_err, correct=correct, timer=self.timer)
         self.rows.append(row)
         print(f"  {part:<14} {shape:<36} {ms:9.4f} ms", file=sys.stderr, flush=True)
 
@@ -167,6 +191,12 @@ def measure_ceilings(r: Runner):
     r.ceil["copy_gbps"] = 2 * src.numel() * 2 / ms_copy / 1e6  # read + write
     r.add("ceiling", f"D2D copy {n_copy * 2 >> 20} MiB", ms_copy, gbps=r.ceil["copy_gbps"])
     del src, dst
+    if r.device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        for key, gbps, tflops in DATASHEET:
+            if key in name:
+                r.datasheet = dict(card=key, copy_gbps=gbps, bf16_tflops=tflops)
+                break
     n = 8192 if r.device == "cuda" else 128
     a = torch.randn(n, n, dtype=torch.bfloat16, device=r.device)
     b = torch.randn(n, n, dtype=torch.bfloat16, device=r.device)
@@ -261,18 +291,35 @@ def kept_pairs(t: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (t - window) * window
 
 
+def check(got, want, tol, rel=False) -> tuple[float, bool]:
+    """Max |got - want| (relative to max |want| when rel) and whether it is within tol."""
+    err = (got.float() - want.float()).abs().max().item()
+    if rel:
+        err /= max(want.float().abs().max().item(), 1e-30)
+    return err, bool(err <= tol) and not bool(got.isnan().any())
+
+
+FLEX_MODE = "max-autotune-no-cudagraphs"
+
+
 def bench_prefill(r: Runner, lengths=None):
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from edgeslm.kernels.softcap_attention import attention
+    from edgeslm.kernels.softcap_attention import attention, attention_reference, prefill_ranges
 
     dt = torch.bfloat16
     lengths = lengths or ([1024, 4096, 16384] if r.device == "cuda" else [64])
     head_dim = HEAD_DIM if r.device == "cuda" else 32
     window = WINDOW if r.device == "cuda" else 24
-    flex = torch.compile(flex_attention, dynamic=False) if r.device == "cuda" else flex_attention
+    if r.device == "cuda":
+        flex = torch.compile(flex_attention, dynamic=False, mode=FLEX_MODE)
+        make_mask = torch.compile(create_block_mask)
+        if f"flex mode {FLEX_MODE}" not in r.notes:
+            r.notes.append(f"flex mode {FLEX_MODE}")
+    else:
+        flex, make_mask = flex_attention, create_block_mask
 
     def softcap_mod(score, b, h, q_idx, kv_idx):
         return SOFTCAP * torch.tanh(score / SOFTCAP)
@@ -286,17 +333,35 @@ def bench_prefill(r: Runner, lengths=None):
         nbytes = (HQ + 2 * HKV) * t * head_dim * 2
         sets = [(torch.randn(1, HQ, t, head_dim, device=r.device, dtype=dt),
                  torch.randn(1, HKV, t, head_dim, device=r.device, dtype=dt),
-                 torch.randn(1, HKV, t, head_dim, device=r.device, dtype=dt)) for _ in range(r.sets_for(nbytes, 4))]
+                 torch.randn(1, HKV, t, head_dim, device=r.device, dtype=dt)) for _ in range(r.sets_for(nbytes, 16))]
         pos = torch.arange(t, device=r.device)
-        mask = create_block_mask(window_mask, None, None, t, t, device=r.device)
-        ours = r.bench_ms([lambda s=s: attention(*s, pos, pos, scale=SCALE, softcap=SOFTCAP, window=window) for s in sets])
+        kw = dict(scale=SCALE, softcap=SOFTCAP, window=window)
+        # correctness at this shape, on the first and last query rows (the reference is T x T)
+        q0, k0, v0 = sets[0]
+        got = attention(q0, k0, v0, pos, pos, **kw)
+        rows = torch.cat((pos[:64], pos[-64:]))
+        want = attention_reference(q0[:, :, rows], k0, v0, rows, pos, **kw)
+        err, ok = check(got[:, :, rows], want, 3e-2)
+        # bookkeeping out: flex's block mask and our range table made once, outside the timing
+        mask = make_mask(window_mask, None, None, t, t, device=r.device)
+        ranges = prefill_ranges(q0, k0, pos, pos, window)
+        ours = r.bench_ms([lambda s=s: attention(*s, pos, pos, **kw, kv_ranges=ranges) for s in sets])
         peer = r.peer_ms(f"flex T={t}", [lambda s=s: flex(*s, score_mod=softcap_mod, block_mask=mask, scale=SCALE,
                                                             enable_gqa=True) for s in sets])
         flops = 4 * head_dim * HQ * kept_pairs(t, window)
         tf = flops / ours / 1e9
-        r.add("prefill", f"T={t} softcap {SOFTCAP:g} window {window}", ours, tflops=tf, peer="flex (compiled)" if r.device == "cuda" else "flex (eager)",
+        peer_name = "flex (compiled)" if r.device == "cuda" else "flex (eager)"
+        r.add("prefill", f"T={t} softcap {SOFTCAP:g} window {window}", ours, tflops=tf, peer=peer_name,
               peer_ms=peer, ratio_goal=GOALS["prefill_vs_flex"], frac=tf / r.ceil["bf16_tflops"],
-              frac_goal=GOALS["prefill_frac_peak"])
+              frac_goal=GOALS["prefill_frac_peak"], max_err=err, correct=ok)
+        # bookkeeping in: both made inside every timed call
+        ours_in = r.bench_ms([lambda s=s: attention(*s, pos, pos, **kw) for s in sets])
+        peer_in = r.peer_ms(f"flex+mask T={t}", [lambda s=s: flex(*s, score_mod=softcap_mod, scale=SCALE, enable_gqa=True,
+                                                                  block_mask=make_mask(window_mask, None, None, t, t,
+                                                                                       device=r.device))
+                                                  for s in sets])
+        r.add("prefill", f"T={t} same, mask/ranges made per call", ours_in, tflops=flops / ours_in / 1e9,
+              peer=peer_name + " + create_block_mask", peer_ms=peer_in)
         # SDPA computes the same function only without the soft-cap and the window
         ours_plain = r.bench_ms([lambda s=s: attention(*s, pos, pos, scale=SCALE) for s in sets])
         sdpa = r.peer_ms(f"SDPA T={t}", [lambda s=s: F.scaled_dot_product_attention(*s, is_causal=True, scale=SCALE,
@@ -309,28 +374,41 @@ def bench_prefill(r: Runner, lengths=None):
 
 def bench_decode(r: Runner):
     import torch
+    from torch.nn.attention.flex_attention import flex_attention
 
-    from edgeslm.kernels.softcap_attention import attention
+    from edgeslm.kernels.softcap_attention import attention, attention_reference
 
     dt = torch.bfloat16
     if r.device == "cuda":
         grid = [(b, s) for s in (1024, 4096, 16384, 32768) for b in (1, 4, 16, 64)]
         head_dim = HEAD_DIM
+        flex = torch.compile(flex_attention, dynamic=False, mode=FLEX_MODE)
     else:
         grid, head_dim = [(1, 64), (2, 96)], 32
+        flex = flex_attention
+
+    def softcap_mod(score, b, h, q_idx, kv_idx):
+        return SOFTCAP * torch.tanh(score / SOFTCAP)
+
     for b, s in grid:
         if r.over_budget(f"decode B={b} S={s}"):
             continue
         kv_bytes = 2 * b * HKV * s * head_dim * 2
         sets = [(torch.randn(b, HQ, 1, head_dim, device=r.device, dtype=dt),
                  torch.randn(b, HKV, s, head_dim, device=r.device, dtype=dt),
-                 torch.randn(b, HKV, s, head_dim, device=r.device, dtype=dt)) for _ in range(r.sets_for(kv_bytes, 8))]
+                 torch.randn(b, HKV, s, head_dim, device=r.device, dtype=dt)) for _ in range(r.sets_for(kv_bytes, 64))]
         k_pos = torch.arange(s, device=r.device)
         q_pos = k_pos[-1:]
+        err, ok = check(attention(*sets[0], q_pos, k_pos, scale=SCALE, softcap=SOFTCAP),
+                        attention_reference(*sets[0], q_pos, k_pos, scale=SCALE, softcap=SOFTCAP), 3e-2)
         ms = r.bench_ms([lambda x=x: attention(*x, q_pos, k_pos, scale=SCALE, softcap=SOFTCAP) for x in sets])
+        # every key is visible to the last position: flex needs no block mask, only the soft-cap
+        peer = r.peer_ms(f"flex decode B={b} S={s}", [lambda x=x: flex(*x, score_mod=softcap_mod, scale=SCALE,
+                                                                      enable_gqa=True) for x in sets])
         gbps = kv_bytes / ms / 1e6
         r.add("decode", f"B={b} S={s} global, softcap", ms, gbps=gbps, frac=gbps / r.ceil["copy_gbps"],
-              frac_goal=GOALS["decode_frac_copy"])
+              frac_goal=GOALS["decode_frac_copy"] if (b, s) == (1, 32768) or r.device != "cuda" else None,
+              peer="flex decoding" if r.device == "cuda" else "flex (eager)", peer_ms=peer, max_err=err, correct=ok)
         del sets
     # one local (window) layer at a long position: the ring buffer is all the kernel reads
     if r.device == "cuda" and not r.over_budget("decode ring"):
@@ -341,10 +419,12 @@ def bench_decode(r: Runner):
         idx = torch.arange(s, device=r.device)
         k_pos = (written - 1) - torch.remainder(written - 1 - idx, s)
         q_pos = torch.tensor([written - 1], device=r.device)
-        ms = r.bench_ms([lambda: attention(q, k, v, q_pos, k_pos, scale=SCALE, softcap=SOFTCAP, window=WINDOW)])
+        kw = dict(scale=SCALE, softcap=SOFTCAP, window=WINDOW)
+        err, ok = check(attention(q, k, v, q_pos, k_pos, **kw), attention_reference(q, k, v, q_pos, k_pos, **kw), 3e-2)
+        ms = r.bench_ms([lambda: attention(q, k, v, q_pos, k_pos, **kw)])
         gbps = 2 * k.numel() * 2 / ms / 1e6
         r.add("decode", f"B={b} ring {s} at pos {written}", ms, gbps=gbps, frac=gbps / r.ceil["copy_gbps"],
-              frac_goal=GOALS["decode_frac_copy"])
+              max_err=err, correct=ok)
 
 
 # ---------------------------------------------------------------------------------------- int4
@@ -354,36 +434,46 @@ def bench_int4(r: Runner):
     import torch
     import torch.nn.functional as F
 
-    from edgeslm.kernels.int4_matmul import int4_matmul
+    from edgeslm.kernels.int4_matmul import int4_matmul, int4_matmul_reference
 
     dt = torch.bfloat16
     if r.device == "cuda":
         sizes, ms_list = (4096, 8192), (1, 16, 1024, 4096)
     else:
         sizes, ms_list = (256,), (1, 32)
+    # (group, zero points): the symmetric grids at both group sizes, and the asymmetric path
+    variants = ((32, False), (128, False), (128, True))
     for kn in sizes:
-        for group in (32, 128):
-            q_bytes = kn * kn // 2 + kn * (kn // group) * 2
+        for group, asym in variants:
+            q_bytes = kn * kn // 2 + kn * (kn // group) * (3 if asym else 2)
             wsets = [(torch.randint(0, 256, (kn, kn // 2), dtype=torch.uint8, device=r.device),
-                      (torch.rand(kn, kn // group, device=r.device) * 0.01).half())
+                      (torch.rand(kn, kn // group, device=r.device) * 0.01 + 1e-3).half(),
+                      torch.randint(0, 16, (kn, kn // group), dtype=torch.uint8, device=r.device) if asym else None)
                      for _ in range(r.sets_for(q_bytes))]
             bf16_sets = [torch.randn(kn, kn, dtype=dt, device=r.device) for _ in range(r.sets_for(kn * kn * 2))]
             for m in ms_list:
-                if r.over_budget(f"int4 M={m} K=N={kn} G={group}"):
+                if asym and m not in (1, 16, 1024):
+                    continue
+                tag = f"M={m} K=N={kn} G={group}" + (" zero points" if asym else "")
+                if r.over_budget(f"int4 {tag}"):
                     continue
                 x = torch.randn(m, kn, dtype=dt, device=r.device)
-                ours = r.bench_ms([lambda w=w: int4_matmul(x, w[0], w[1], None, group) for w in wsets])
+                w0 = wsets[0]
+                err, ok = check(int4_matmul(x, *w0, group), int4_matmul_reference(x, *w0, group), 1.6e-2, rel=True)
+                ours = r.bench_ms([lambda w=w: int4_matmul(x, *w, group) for w in wsets])
                 peer = r.peer_ms("bf16 matmul", [lambda w=w: F.linear(x, w) for w in bf16_sets])
                 if m <= 16:
                     gbps = (q_bytes + 2 * m * kn * 2) / ours / 1e6
-                    r.add("int4 GEMV", f"M={m} K=N={kn} G={group}", ours, gbps=gbps, peer="bf16 matmul",
-                          peer_ms=peer, ratio_goal=GOALS["gemv_vs_bf16"], frac=gbps / r.ceil["copy_gbps"],
-                          frac_goal=GOALS["gemv_frac_copy"])
+                    gemv = m == 1  # the GEMV goals are set at M = 1
+                    r.add("int4 GEMV" if gemv else "int4 small-M", tag, ours, gbps=gbps, peer="bf16 matmul",
+                          peer_ms=peer, ratio_goal=GOALS["gemv_vs_bf16"] if gemv else None,
+                          frac=gbps / r.ceil["copy_gbps"], frac_goal=GOALS["gemv_frac_copy"] if gemv else None,
+                          max_err=err, correct=ok)
                 else:
                     tf = 2 * m * kn * kn / ours / 1e9
-                    r.add("int4 GEMM", f"M={m} K=N={kn} G={group}", ours, tflops=tf, peer="bf16 matmul",
+                    r.add("int4 GEMM", tag, ours, tflops=tf, peer="bf16 matmul",
                           peer_ms=peer, ratio_goal=GOALS["gemm_vs_bf16"] if m >= 1024 else None,
-                          frac=tf / r.ceil["bf16_tflops"])
+                          frac=tf / r.ceil["bf16_tflops"], max_err=err, correct=ok)
             del wsets, bf16_sets
 
 
@@ -395,14 +485,16 @@ def fmt(v, spec):
 
 
 def table(rows) -> str:
-    head = ("part", "shape", "ms", "TFLOP/s", "GB/s", "peer", "x peer", "goal", "of ceiling", "goal", "met")
+    head = ("part", "shape", "ms", "TFLOP/s", "GB/s", "peer", "x peer", "goal", "of measured ceiling",
+            "of datasheet", "goal", "max err", "met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for x in rows:
         met = "" if x["goal_met"] is None else ("yes" if x["goal_met"] else "NO")
+        err = "" if x.get("max_err") is None else f"{x['max_err']:.2g}" + ("" if x["correct"] else " WRONG")
         lines.append("| " + " | ".join((
             x["part"], x["shape"], fmt(x["ms"], ".4f"), fmt(x["tflops"], ".1f"), fmt(x["gbps"], ".0f"), x["peer"] or "",
-            fmt(x["ratio"], ".2f"), fmt(x["ratio_goal"], "g"), fmt(x["frac_ceiling"], ".0%"), fmt(x["frac_goal"], ".0%"),
-            met)) + " |")
+            fmt(x["ratio"], ".2f"), fmt(x["ratio_goal"], "g"), fmt(x["frac_ceiling"], ".0%"),
+            fmt(x.get("frac_datasheet"), ".0%"), fmt(x["frac_goal"], ".0%"), err, met)) + " |")
     return "\n".join(lines)
 
 
@@ -451,7 +543,7 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
     result = dict(card=card, date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   commit=git_commit(), torch=torch.__version__, triton=__import__("triton").__version__,
-                  smoke=args.smoke, ceilings=r.ceil, goals=GOALS, parity=parity, rows=r.rows, skipped=r.skipped,
+                  smoke=args.smoke, ceilings=r.ceil, datasheet=r.datasheet, goals=GOALS, parity=parity, rows=r.rows, skipped=r.skipped,
                   notes=r.notes, wall_s=round(time.perf_counter() - r.t0, 1))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -459,7 +551,9 @@ def main(argv=None) -> int:
     text = table(r.rows)
     summary = [f"card: {card}; {result['date']}; commit {result['commit']}; torch {result['torch']}, "
                f"triton {result['triton']}; wall {result['wall_s']} s",
-               f"ceilings: copy {r.ceil['copy_gbps']:.0f} GB/s, bf16 matmul {r.ceil['bf16_tflops']:.1f} TFLOP/s",
+               f"ceilings: copy {r.ceil['copy_gbps']:.0f} GB/s, bf16 matmul {r.ceil['bf16_tflops']:.1f} TFLOP/s measured"
+               + (f"; datasheet ({r.datasheet['card']}) {r.datasheet['copy_gbps']:.0f} GB/s, "
+                  f"{r.datasheet['bf16_tflops']:.0f} TFLOP/s" if r.datasheet else "; no datasheet entry for this card"),
                "times: medians, " + ("in CUDA graphs (triton.testing.do_bench_cudagraph) unless a note says otherwise"
                                      if device == "cuda" and args.graphs else "eager" if device == "cuda"
                                      else "wall clock, CPU interpreter (meaningless)")]
@@ -473,7 +567,8 @@ def main(argv=None) -> int:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
             f.write(section)
     failed_parity = parity is not None and not all(v["ok"] for v in parity.values())
-    return 1 if failed_parity or failed else 0
+    wrong = [x for x in r.rows if x.get("correct") is False]
+    return 1 if failed_parity or failed or wrong else 0
 
 
 if __name__ == "__main__":
