@@ -144,8 +144,10 @@ def generate(folder, prompt: str, max_tokens: int, chat: bool = False, out=None)
             tokens.append(token)
             streamer.put(token)
     finally:
-        streamer.end()
-        runner.close()
+        try:
+            streamer.end()
+        finally:
+            runner.close()
     ttft = times[0] - t0
     decode_steps = len(times) - 1
     decode_s = times[-1] - times[0] if decode_steps else 0.0
@@ -170,9 +172,17 @@ def run(args) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
         return 130
+    except BrokenPipeError:
+        # the reader went away (`| head`): nothing is wrong with the generation; stop quietly
+        _silence_stdout()
+        return 0
     if args.json:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        try:
+            json.dump(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _silence_stdout()
         return 0
     decode = f", decode {result['decode_tok_s']:.1f} tok/s" if result["decode_tok_s"] else ""
     note = {"eos": "an end-of-sequence token", "context": "the artifact's context",
@@ -181,3 +191,13 @@ def run(args) -> int:
           f"{result['ttft_ms']:.0f} ms for {result['prompt_tokens']} prompt tokens{decode}; "
           f"{result['runtime']}; stopped at {note}]", file=sys.stderr)
     return 0
+
+
+def _silence_stdout():
+    """After the reader of stdout has gone: point stdout at /dev/null, so that the interpreter's
+    final flush does not raise again."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
