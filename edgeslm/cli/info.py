@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from ..loading import load_model
+from ..memory import PRECISIONS, kv_cache_bytes, weight_bytes
 from .common import add_json_argument, add_model_argument, emit, human_bytes, table
 
 HELP = "architecture, parameter counts, weight bytes per precision and KV-cache memory per context"
 
 CONTEXTS = (512, 2048, 8192)
-# bytes per weight: int4 group-32 carries an fp16 scale per 32 weights
-PRECISIONS = {"fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 2.0 / 4096, "int4-g32": 0.5 + 2.0 / 32}
 
 
 def add_arguments(p):
@@ -24,12 +23,10 @@ def describe(model) -> dict:
     kv_bytes_per_token = {}
     memory = []
     for ctx in CONTEXTS:
-        # per layer: k and v, Hkv x D each; a local layer holds at most its window
-        slots = sum(min(ctx, s.sliding_window) if local and s.sliding_window else ctx for local in s.layer_is_local)
-        kv_fp16 = 2 * slots * s.num_kv_heads * s.head_dim * 2
+        kv_fp16 = kv_cache_bytes(s, ctx, bytes_per_value=2)
         kv_bytes_per_token[ctx] = kv_fp16 / ctx
         memory.append({"context": ctx, "kv_cache_fp16_bytes": kv_fp16,
-                       **{f"total_{k}_bytes": int(params * v + kv_fp16) for k, v in PRECISIONS.items()}})
+                       **{f"total_{k}_bytes": weight_bytes(params, k) + kv_fp16 for k in PRECISIONS}})
     return {
         "family": s.family,
         "layers": s.num_layers,
@@ -45,7 +42,7 @@ def describe(model) -> dict:
         "final_softcap": s.final_softcap,
         "parameters": params,
         "embedding_parameters": embedding,
-        "weight_bytes": {k: int(params * v) for k, v in PRECISIONS.items()},
+        "weight_bytes": {k: weight_bytes(params, k) for k in PRECISIONS},
         "memory": memory,
     }
 

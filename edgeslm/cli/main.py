@@ -21,6 +21,8 @@ VERBS = {
     "verify": "edgeslm.cli.verify",
     "check": "edgeslm.cli.check",
     "bench": "edgeslm.cli.bench",
+    "run": "edgeslm.cli.run",
+    "recommend": "edgeslm.cli.recommend",
 }
 
 
