@@ -34,8 +34,15 @@ DECODE_TOKENS = 32  # as `edgeslm check` times decode by default
 SCHEMES = {"f16": "fp16", "f32": "fp32", "q8c": "int8", "q4g32-gptq": "int4-g32"}
 SCHEME_ORDER = {"f16": 0, "f32": 0, "q8c": 1, "q4g32-gptq": 2}
 # bytes per KV-cache value in each target's artifacts: fp32 caches in the ONNX, ExecuTorch and
-# WebGPU graphs, an fp16 cache in llama.cpp (GGUF) and in Core ML's fp16 compute
+# WebGPU graphs, fp16 in Core ML's fp16 compute, and in llama.cpp (GGUF) its default fp16 except
+# under f32 weights (the gguf target then asks for an f32 cache)
 KV_BYTES = {"onnx": 4, "executorch": 4, "webgpu": 4, "gguf": 2, "coreml": 2}
+
+
+def kv_bytes_per_value(target: str, scheme: str) -> int:
+    if target == "gguf" and scheme == "f32":
+        return 4
+    return KV_BYTES.get(target, 4)
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ def _figures(profile, spec, parameters: int, scheme: str, target: str, context: 
     from .memory import kv_cache_bytes, weight_bytes
 
     weights = weight_bytes(parameters, SCHEMES[scheme])
-    kv_bytes = KV_BYTES.get(target, 4)
+    kv_bytes = kv_bytes_per_value(target, scheme)
     kv = kv_cache_bytes(spec, context, kv_bytes)
     per_layer = 2 * spec.num_kv_heads * spec.head_dim * kv_bytes
     n_local = sum(spec.layer_is_local) if spec.sliding_window else 0

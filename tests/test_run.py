@@ -63,11 +63,11 @@ def export(tmp, folder, target, context, name=None):
     return out
 
 
-def check_against_reference(folder, artifact, max_tokens=20, context=64):
+def check_against_reference(folder, artifact, max_tokens=20, context=64, tok=None):
     done = edgeslm("run", artifact, "--prompt", PROMPT, "--max-tokens", max_tokens, "--json")
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout)  # --json: stdout is the one JSON object
-    tok = char_tokenizer()
+    tok = tok or char_tokenizer()
     ids = tok(PROMPT).input_ids
     assert r["prompt_tokens"] == len(ids) and r["generated_tokens"] == max_tokens and r["stopped"] == "max_tokens"
     assert r["tokens"] == reference_tokens(folder, ids, max_tokens, context)  # f32: greedy tokens identical
@@ -103,13 +103,37 @@ def test_executorch_streams_reference_tokens(tiny):
     assert r["runtime"].startswith("executorch")
 
 
+def byte_level_tokenizer():
+    """GPT-2 style byte-level BPE: the 256 byte symbols and four merges (260 ids), the kind of
+    tokenizer the gguf target maps."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges = [("T", "h"), ("h", "e"), ("\u0120", "t"), ("e", "r")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
 def test_gguf_streams_reference_tokens(tiny):
+    from tiny import tiny_pair
+
     from edgeslm.targets.gguf import llama_cpp_python
 
+    tmp, _ = tiny
+    folder = tmp / "tiny-llama-bytes"
+    if not folder.exists():
+        hf, _ = tiny_pair("llama", vocab_size=260)
+        hf.save_pretrained(str(folder), safe_serialization=True)
+        byte_level_tokenizer().save_pretrained(str(folder))
+    artifact = export(tmp, folder, "gguf", 64)  # export needs only the gguf package
     if llama_cpp_python() is None:
         pytest.skip("llama.cpp (llama-cpp-python) is not installed here: bash benchmarks/setup_peers.sh builds it")
-    tmp, folder = tiny
-    r = check_against_reference(folder, export(tmp, folder, "gguf", 64))
+    r = check_against_reference(folder, artifact, tok=byte_level_tokenizer())
     assert r["runtime"].startswith("llama.cpp")
 
 
