@@ -220,7 +220,7 @@ def recommend(task: str, device: str, budget_file=None, context: int | None = No
                        **_figures(profile, spec, cand.parameters, scheme_name, target_name, context, prompt_tokens)}
                 blocking = []
                 if name not in order:
-                    blocking.append(f"not among the {task} picks ({table.get('basis', 'the task table')})")
+                    blocking.append(f"not suited to {task} (the task table: {table.get('basis', 'editorial')})")
                 if max_context and context > max_context:
                     blocking.append(f"context {context} > the model's {max_context}")
                 why = get_target(target_name).unsupported_reason(decoder, scheme)

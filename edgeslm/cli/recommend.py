@@ -62,7 +62,11 @@ def render(r: dict, show_all: bool = False):
         print("nothing fits")
     print()
     print("does not fit:")
-    seen = set()
+    suited = {x["model"] for x in r["ranked"] + r["misfits"] if x["task_rank"] is not None}
+    unsuited = sorted({x["model"] for x in r["misfits"]} - suited)
+    if unsuited and not show_all:
+        print(f"  not suited to {r['task']}: {', '.join(unsuited)} ({r['task_basis']})")
+    seen = set(unsuited) if not show_all else set()
     for x in r["misfits"]:
         if not show_all and x["model"] in seen:
             continue
@@ -72,8 +76,8 @@ def render(r: dict, show_all: bool = False):
             fitting = {(y["scheme"], y["target"]) for y in r["ranked"] if y["model"] == x["model"]}
             if fitting:
                 head += f" (other schemes/targets fit: {len(fitting)})"
-            # the most favourable misfit of this model: its fewest reasons
-            x = min((y for y in r["misfits"] if y["model"] == x["model"]), key=lambda y: (len(y["reasons"]),
-                    y["memory_bytes"]))
+            # the nearest misfit of this model: expressible by its target, then the fewest reasons
+            x = min((y for y in r["misfits"] if y["model"] == x["model"]),
+                    key=lambda y: (bool(y["blocking"]), len(y["reasons"]), y["memory_bytes"]))
             head += f", e.g. {x['scheme']}/{x['target']}"
         print(f"  {head}: {'; '.join(x['reasons'])}")
