@@ -200,31 +200,36 @@ def sass_loops(sass: str) -> list[dict]:
 
 
 def main_loop(loops: list[dict]) -> dict | None:
-    """The loop with the most matrix instructions; without any, the one with the most global loads,
-    then the largest."""
+    """The loop with the most matrix instructions; without any (FMA kernels), the one with the most
+    async copies (the pipelined stream), then the most global loads, then the largest."""
     if not loops:
         return None
-    return max(loops, key=lambda s: (s["hgmma"] + s["hmma"], s["global_loads"], s["instructions"]))
+    return max(loops, key=lambda s: (s["hgmma"] + s["hmma"], s["ldgsts"], s["global_loads"], s["instructions"]))
 
 
 # ---------------------------------------------------------------------------------------- TTGIR / PTX
 
 
-def async_waits(ttgir: str) -> list[int]:
-    """num of every ttg.async_wait inside a scf.for body (copies still in flight at that wait)."""
-    waits, depth_stack, depth = [], [], 0
+def _in_loops(ttgir: str, op: str, attr: str) -> list[int]:
+    """The integer attribute `attr` of every `op` inside a scf.for body."""
+    found, depth_stack, depth = [], [], 0
     for line in ttgir.splitlines():
         opens, closes = line.count("{"), line.count("}")
         if "scf.for" in line:
             depth_stack.append(depth)
-        if "ttg.async_wait" in line and depth_stack:
-            m = re.search(r"num = (\d+)", line)
+        if op in line and depth_stack:
+            m = re.search(rf"{attr} = (\d+)", line)
             if m:
-                waits.append(int(m.group(1)))
+                found.append(int(m.group(1)))
         depth += opens - closes
         while depth_stack and depth <= depth_stack[-1]:
             depth_stack.pop()
-    return waits
+    return found
+
+
+def async_waits(ttgir: str) -> list[int]:
+    """num of every ttg.async_wait inside a loop: the copies still in flight at that wait."""
+    return _in_loops(ttgir, "ttg.async_wait", "num")
 
 
 # strides that multiply a batch / head / row index: widened to int64 before any arithmetic, so that
@@ -251,10 +256,10 @@ def int64_offsets(ttgir: str) -> dict:
 
 
 def dot_kinds(ttgir: str) -> dict:
-    """wgmma (ttng.warp_group_dot, with the pendings of its waits: 0 = each wgmma waited on at
-    once) against mma.sync (tt.dot left as is), and the async copies."""
+    """wgmma (ttng.warp_group_dot, with the pendings of its waits inside loops: 0 = each wgmma
+    waited on at once) against mma.sync (tt.dot left as is), and the async copies."""
     return dict(wgmma=len(re.findall(r"ttng\.warp_group_dot\s", ttgir)), mma_sync=len(re.findall(r"= tt\.dot\s", ttgir)),
-                wgmma_wait_pendings=[int(x) for x in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)],
+                wgmma_wait_pendings=_in_loops(ttgir, "warp_group_dot_wait", "pendings"),
                 async_copies=len(re.findall(r"ttg\.async_copy_global_to_local", ttgir)))
 
 
