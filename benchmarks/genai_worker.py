@@ -3,7 +3,9 @@
 Same protocol as targets/gguf_worker.py: one JSON request per stdin line, one JSON answer per line.
   {"op": "bench", "prompt": [...], "decode": n}   prefill seconds, decode seconds, peak RSS
   {"op": "nll", "tokens": [...]}                  summed next-token NLL of one window
-Usage: genai_worker.py MODEL_FOLDER
+Usage: genai_worker.py MODEL_FOLDER [THREADS]
+THREADS sets the session's intra-op threads through og.Config.overlay (inter-op 1), the same way for
+every folder, so an artifact's own genai_config.json need not carry them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ def main():
     import onnxruntime_genai as og
 
     rss_base = peak_rss_mb()
-    model = og.Model(sys.argv[1])
+    config = og.Config(sys.argv[1])
+    if len(sys.argv) > 2:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": int(sys.argv[2]), "inter_op_num_threads": 1}}}}))
+    model = og.Model(config)
 
     def answer(header):
         sys.stdout.write(json.dumps(header) + "\n")

