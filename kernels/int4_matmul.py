@@ -26,6 +26,8 @@ import dataclasses
 
 import torch
 
+from ._tickets import split_tickets
+
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K/2] -> uint8 codes [N, K]."""
@@ -454,19 +456,6 @@ def plan_forward(m: int, n: int, k: int, dtype, sms: int = 132, interpret: bool 
     return Plan(kind, bm, bn, bk, split_k, nw, ns, (n_tiles, split_k), words)
 
 
-_TICKETS: dict = {}
-
-
-def _tickets(device, count: int) -> torch.Tensor:
-    """Zeroed int32 split-K tickets; the kernels leave them zeroed again, so they are allocated (and
-    zeroed) once per device and stream. A CUDA graph capture gets its own (zeroed inside the graph)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < count:
-        buf = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, out=None, **config):
@@ -483,7 +472,7 @@ def _launch_forward(x2, qweight, scales, zeros, group_size, n, k, out=None, **co
     qw = qweight.view(torch.int32)  # [N, K / 8]: word i holds k = 8i + j in nibble j
     z = zeros if zeros is not None else scales
     part = torch.empty(p.split_k, m, n, dtype=torch.float32, device=x2.device) if p.split_k > 1 else y
-    tickets = _tickets(x2.device, p.grid[0]) if p.split_k > 1 else y
+    tickets = split_tickets(x2.device, p.grid[0]) if p.split_k > 1 else y
     common = dict(GROUP=group_size, HAS_ZEROS=zeros is not None, SPLIT_K=p.split_k, BLOCK_N=p.block_n,
                   BLOCK_K=p.block_k, NUM_STAGES=p.num_stages, num_warps=p.num_warps, num_stages=p.num_stages)
     if p.kernel == "gemv":

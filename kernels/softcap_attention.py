@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ._tickets import split_tickets
+
 
 def attention_reference(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None):
     b, hq, t, d = q.shape
@@ -390,19 +392,6 @@ def decode_splits(b: int, hkv: int, n_blocks: int, sms: int) -> int:
     return max(1, min(triton.cdiv(sms, b * hkv), n_blocks))
 
 
-_TICKETS: dict = {}
-
-
-def _tickets(device, count: int) -> torch.Tensor:
-    """Zeroed int32 tickets for the one-launch split merge; the kernel leaves them zeroed again, so
-    they are allocated once per device and stream (a CUDA graph capture gets its own)."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(count, dtype=torch.int32, device=device)
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    buf = _TICKETS.get(key)
-    if buf is None or buf.numel() < count:
-        buf = _TICKETS[key] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-    return buf
 
 
 def prefill_ranges(q, k, q_pos, k_pos, window=None, block_m=None, block_n=None):
@@ -496,7 +485,7 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     if num_splits > 1:
         part = torch.empty(num_splits * b * hkv * merge_rows, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(num_splits * b * hkv * merge_rows, dtype=torch.float32, device=q.device)
-        tickets = _tickets(q.device, b * hkv)
+        tickets = split_tickets(q.device, b * hkv)
     else:
         part = lse = tickets = out  # unused
     per_split = triton.cdiv(n_blocks, num_splits)

@@ -144,7 +144,7 @@ def test_lora_over_int4_base_trains():
 def test_split_k_in_one_launch_rearms_its_tickets(dtype, m):
     """Split-K sums its parts in the tile's last program (an atomic ticket), not in extra kernels:
     three calls in a row stay right, and every ticket is back at zero after each."""
-    from edgeslm.kernels import int4_matmul as im
+    from edgeslm.kernels._tickets import TICKETS
 
     n, k, group = 48, 512, 32
     for call in range(3):
@@ -152,7 +152,7 @@ def test_split_k_in_one_launch_rearms_its_tickets(dtype, m):
         x = torch.randn(m, k, device=DEVICE).to(dtype)
         got = run_forward(x, qweight, scales, zeros, group, block_k=64, split_k=4, block_n=16)
         assert_close(got, int4_matmul_reference(x, qweight, scales, zeros, group), dtype)
-        assert all(int(t.count_nonzero()) == 0 for t in im._TICKETS.values())
+        assert all(int(t.count_nonzero()) == 0 for t in TICKETS.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
