@@ -398,13 +398,11 @@ def attention_config(dt, head_dim, *, decode, b=1, s=4096, t=1, softcap=True, wi
         rows = t * group
         bm = max(16, sa._next_pow2(rows))
         n_blocks = triton.cdiv(s, bn)
-        splits = sa.decode_splits(b, HKV, n_blocks, Machine("x").sms)
-        per_split = triton.cdiv(n_blocks, splits)
-        scan_j = min(sa._next_pow2(per_split), max(1, 2048 // bn))
-        rows_p2 = sa._next_pow2(rows)
-        consts.update(BLOCK_M=bm, NUM_SPLITS=splits, SCAN_J=scan_j, ROWS=rows_p2, SPLITS_P2=sa._next_pow2(splits),
-                      MERGE_CHUNK=min(sa._next_pow2(splits), max(1, 8192 // (rows_p2 * head_dim))))
-        plan.update(block_m=bm, splits=splits, n_blocks=n_blocks, per_split=per_split)
+        dec = sa.decode_constants(b, HKV, rows, n_blocks, bn, head_dim, Machine("x").sms)
+        consts.update(BLOCK_M=bm, **dec)
+        plan.update(block_m=bm, splits=dec["NUM_SPLITS"], n_blocks=n_blocks,
+                    per_split=triton.cdiv(n_blocks, dec["NUM_SPLITS"]))
+        splits = dec["NUM_SPLITS"]
         fn = sa._attn_decode_kernel
         label = f"attn_decode {dt} hd{head_dim} BN{bn} w{nw} s{ns} splits{splits}"
     else:

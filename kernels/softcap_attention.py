@@ -413,6 +413,19 @@ def _launch_blocks(dtype, head_dim, rows, s, decode):
     return gpu_config(head_dim, dtype, decode)
 
 
+def decode_constants(b: int, hkv: int, rows: int, n_blocks: int, block_n: int, head_dim: int, sms: int,
+                     num_splits: int | None = None) -> dict:
+    """The decode kernel's split constants for a launch (the launcher and benchmarks/kernel_audit.py
+    both use this): splits, position-scan width (at most 2048 slots a step), merge rows and chunk."""
+    if num_splits is None:
+        num_splits = decode_splits(b, hkv, n_blocks, sms)
+    num_splits = max(1, min(int(num_splits), n_blocks))
+    rows_p2 = _next_pow2(rows)
+    return dict(NUM_SPLITS=num_splits, SCAN_J=min(_next_pow2(triton.cdiv(n_blocks, num_splits)), max(1, 2048 // block_n)),
+                ROWS=rows_p2, SPLITS_P2=_next_pow2(num_splits),
+                MERGE_CHUNK=min(_next_pow2(num_splits), max(1, 8192 // (rows_p2 * head_dim))))
+
+
 def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
               block_m=None, block_n=None, num_splits=None, num_warps=None, num_stages=None,
               block_stats: list | None = None, out=None, kv_ranges=None):
@@ -478,25 +491,20 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
         if block_stats is not None:
             block_stats.append(stats.view(b * hkv, n_m))
         return out
-    if num_splits is None:
-        num_splits = 1 if interp else decode_splits(b, hkv, n_blocks, _sm_count(q.device))
-    num_splits = max(1, min(int(num_splits), n_blocks))
-    merge_rows = _next_pow2(rows)
+    dec = decode_constants(b, hkv, rows, n_blocks, block_n, head_dim, _sm_count(q.device),
+                           1 if interp and num_splits is None else num_splits)
+    num_splits, merge_rows = dec["NUM_SPLITS"], dec["ROWS"]
     if num_splits > 1:
         part = torch.empty(num_splits * b * hkv * merge_rows, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(num_splits * b * hkv * merge_rows, dtype=torch.float32, device=q.device)
         tickets = split_tickets(q.device, b * hkv)
     else:
         part = lse = tickets = out  # unused
-    per_split = triton.cdiv(n_blocks, num_splits)
-    scan_j = min(_next_pow2(per_split), max(1, 2048 // block_n))
     stats = torch.zeros(num_splits * b * hkv, dtype=torch.int32, device=q.device) if block_stats is not None else out
     _attn_decode_kernel[(b * hkv, num_splits)](
         q, k, v, q_pos, k_pos, out, part, lse, tickets, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        t, s, n_blocks, c_scale, c_cap, int(window or 0),
-        NUM_SPLITS=num_splits, SCAN_J=scan_j, ROWS=merge_rows, SPLITS_P2=_next_pow2(num_splits),
-        MERGE_CHUNK=min(_next_pow2(num_splits), max(1, 8192 // (merge_rows * head_dim))), **common,
+        t, s, n_blocks, c_scale, c_cap, int(window or 0), **dec, **common,
     )
     if block_stats is not None:
         block_stats.append(stats.view(num_splits, b * hkv, 1))
