@@ -130,8 +130,9 @@ def _figures(profile, spec, parameters: int, scheme: str, target: str, context: 
     est = estimate(profile, facts, prompt_tokens, DECODE_TOKENS)
     return {"weight_bytes": weights, "kv_cache_bytes": kv, "kv_dtype": {2: "fp16", 4: "fp32"}[kv_bytes],
             "memory_bytes": weights + kv,
-            "estimated": {"ttft_ms": est["ttft_ms"], "decode_tok_s": est["decode_tok_s"],
-                          "peak_memory_mb": est["peak_memory_mb"], "bound": est["bound"]}}
+            "estimated": {"label": "ESTIMATED (roofline)", "ttft_ms": est["ttft_ms"],
+                          "decode_tok_s": est["decode_tok_s"], "peak_memory_mb": est["peak_memory_mb"],
+                          "bound": est["bound"]}}
 
 
 def _judge(row: dict, budgets: dict, profile) -> tuple[list[str], dict]:

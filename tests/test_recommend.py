@@ -174,6 +174,7 @@ def test_cli_json_and_bad_input(tmp_path, capsys):
     r = json.loads(done.stdout)
     assert r["ranked"][0]["weight_bytes"] > 0 and r["ranked"][0]["kv_cache_bytes"] > 0
     assert r["ranked"][0]["estimated"]["decode_tok_s"] > 0
+    assert all(x["estimated"]["label"] == "ESTIMATED (roofline)" for x in r["ranked"] + r["misfits"])
     in_process_error(capsys, ["--task", "poetry", "--device", "pixel-8"], "unknown task 'poetry'")
     in_process_error(capsys, ["--task", "code", "--device", "toaster"], "unknown device 'toaster'")
     bad = tmp_path / "bad.toml"
