@@ -8,7 +8,7 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 deploy: setup
-	.venv/bin/edgeslm deploy --out deploy-out
+	.venv/bin/edgeslm deploy --out deploy-out --device host --device pixel-8 --device iphone-15-pro --allow-estimates
 
 clean:
 	rm -rf deploy-out .pytest_cache

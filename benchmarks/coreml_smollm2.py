@@ -30,7 +30,7 @@ def main():
 
     from edgeslm.artifact import read_manifest
     from edgeslm.export import export_artifact
-    from edgeslm.cli.main import quiet_third_party_noise
+    from edgeslm.console import quiet_third_party_noise
     from edgeslm.targets.registry import get_target
     from edgeslm.verify import render, verify_folder
 

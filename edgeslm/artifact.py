@@ -37,11 +37,26 @@ def tool_versions(names=TOOLS) -> dict[str, str]:
     return out
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def content_key(*parts) -> str:
+    """A cache key over the contents of files and folders (Path parts: every file below a folder, by
+    relative name) and plain values (any other part, strings included), plus the versions of edgeslm
+    and the tools it drives: change any input or any tool and the key changes."""
+    h = hashlib.sha256(json.dumps(tool_versions(), sort_keys=True).encode())
+    for part in parts:
+        path = part if isinstance(part, Path) else None
+        if path is not None and path.is_file():
+            h.update(f"file:{sha256_file(path)}".encode())
+        elif path is not None and path.is_dir():
+            for f in sorted(p for p in path.rglob("*") if p.is_file()):
+                h.update(f"{f.relative_to(path).as_posix()}:{sha256_file(f)}".encode())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+        h.update(b"|")
     return h.hexdigest()
 
 
@@ -70,22 +85,69 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(parent: Path, name: str):
+    """Temporary folders of this name left by a process that no longer runs (kill -9, power loss)."""
+    for old in parent.glob(f".{name}.tmp-*"):
+        pid = old.name[len(f".{name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, force: bool = False):
-    """Yields a temporary folder; on success it becomes `out` (replacing it only with force)."""
+    """Yields a temporary folder; on success it becomes `out` (replacing it only with force).
+
+    One writer per `out` at a time: a second one exits with an error rather than racing the rename
+    (an advisory lock, kept in the system's temporary folder so that nothing appears beside `out`). A full disk or an unwritable parent is one clear error,
+    and the temporary folder is removed on any failure; one orphaned by a killed process is removed
+    by the next run."""
+    import errno
+    import fcntl
+
     out = Path(out)
     if out.exists() and not force:
         raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        locks = Path(tempfile.gettempdir()) / "edgeslm-locks"
+        locks.mkdir(exist_ok=True)
+        lock = open(locks / (hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:32] + ".lock"), "w")
+    except OSError as e:
+        raise EdgeSLMError(f"cannot write {out}: {e.strerror or e}") from None
+    tmp = None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgeSLMError(f"another edgeslm process is writing {out}; wait for it or choose another --out") from None
+        if out.exists() and not force:  # the other writer finished while we waited for nothing
+            raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
+        _remove_stale_temporaries(out.parent, out.name)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
         with _sigterm_as_interrupt():
-            yield tmp
+            try:
+                yield tmp
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+                    raise EdgeSLMError(f"cannot write {out}: {e.strerror} (nothing was written)") from None
+                raise
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        lock.close()  # the lock file stays: unlinking it would let two later writers lock two files
 
 
 def write_manifest(folder: Path, fields: dict) -> dict:

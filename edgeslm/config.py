@@ -7,6 +7,7 @@ branches on model_type.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import EdgeSLMError
@@ -63,7 +64,46 @@ def _get(cfg, name, default=None):
 
 
 def spec_from_hf_config(cfg) -> DecoderSpec:
-    """Reads a transformers PretrainedConfig; refuses what the decoder cannot express."""
+    """Reads a transformers PretrainedConfig; refuses what the decoder cannot express, or a config
+    whose numbers cannot describe a model, with one EdgeSLMError."""
+    try:
+        spec = _spec(cfg)
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise EdgeSLMError(f"config.json does not describe a model edgeslm can build ({type(e).__name__}: {e})") from None
+    check_spec(spec)
+    return spec
+
+
+def check_spec(s: DecoderSpec):
+    """Shapes that cannot work: zero or negative sizes, heads that do not divide, windows below 1."""
+    def positive(name, value):
+        if type(value) is not int or value < 1:
+            raise EdgeSLMError(f"config.json: {name} must be a positive integer (got {value!r})")
+
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "max_position"):
+        positive(name, getattr(s, name))
+    if s.num_heads % s.num_kv_heads:
+        raise EdgeSLMError(f"config.json: {s.num_heads} attention heads are not a multiple of {s.num_kv_heads} kv heads")
+    if s.rotary_dim < 2 or s.rotary_dim > s.head_dim or s.rotary_dim % 2:
+        raise EdgeSLMError(f"config.json: rotary dimension {s.rotary_dim} does not fit head_dim {s.head_dim}")
+    if len(s.layer_is_local) != s.num_layers:
+        raise EdgeSLMError(f"config.json: {len(s.layer_is_local)} layer_types for {s.num_layers} layers")
+    if s.sliding_window is not None:
+        positive("sliding_window", s.sliding_window)
+    for name in ("norm_eps", "attn_scale"):
+        if not (isinstance(getattr(s, name), float) and getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
+            raise EdgeSLMError(f"config.json: {name} must be a positive finite number (got {getattr(s, name)!r})")
+    for name in ("attn_softcap", "final_softcap"):
+        v = getattr(s, name)
+        if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
+            raise EdgeSLMError(f"config.json: {name} must be a positive number or null (got {v!r})")
+    if (s.num_layers > 1024 or s.hidden_size > 1 << 16 or s.vocab_size > 1 << 22 or s.head_dim > 1024
+            or s.intermediate_size > 1 << 18 or s.num_heads > 1024 or s.max_position > 1 << 24):
+        raise EdgeSLMError("config.json: sizes beyond any small language model (a corrupt config?)")
+
+
+def _spec(cfg) -> DecoderSpec:
     model_type = getattr(cfg, "model_type", None)
     family = SUPPORTED_MODEL_TYPES.get(model_type)
     if family is None:

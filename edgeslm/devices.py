@@ -72,7 +72,7 @@ def _read_toml(path: Path, what: str) -> dict:
             return tomllib.load(f)
     except OSError as e:
         raise EdgeSLMError(f"cannot read {what} {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise EdgeSLMError(f"{what} {path} is not valid TOML ({e})") from None
 
 
@@ -104,13 +104,19 @@ def parse_profile(data: dict, path: Path) -> Profile:
     for key in ("name", "kind", "targets", "budgets", "sources", *PROFILE_NUMBERS):
         if key not in data:
             raise EdgeSLMError(f"{where} has no {key!r}")
-    if data["kind"] not in KINDS:
+    if not isinstance(data["kind"], str) or data["kind"] not in KINDS:
         raise EdgeSLMError(f"{where}: kind {data['kind']!r} is not one of {', '.join(KINDS)}")
+    for key in ("targets", "sources"):
+        if not isinstance(data[key], list) or not all(isinstance(x, str) for x in data[key]):
+            raise EdgeSLMError(f"{where}: {key} must be a list of strings")
+    if not isinstance(data["budgets"], dict):
+        raise EdgeSLMError(f"{where}: [budgets] must be a table")
+    if not isinstance(data.get("threads", 0), int) or isinstance(data.get("threads", 0), bool):
+        raise EdgeSLMError(f"{where}: threads must be an integer")
     numbers = {k: _positive(data[k], f"{where}: {k}") for k in PROFILE_NUMBERS}
     budgets = validate_budgets(data["budgets"], f"{where} [budgets]")
-    missing = [k for k in BUDGET_KEYS if k not in budgets]
-    if missing:
-        raise EdgeSLMError(f"{where}: budgets lack {', '.join(missing)}")
+    if "prompt_tokens" not in budgets:  # a figure without a budget is reported, not judged
+        raise EdgeSLMError(f"{where}: budgets lack prompt_tokens")
     known = {"name", "kind", "display", "targets", "budgets", "sources", "threads", *PROFILE_NUMBERS}
     return Profile(name=str(data["name"]), kind=data["kind"], display=str(data.get("display", data["name"])),
                    targets=tuple(data["targets"]), budgets=budgets, sources=tuple(data["sources"]),
@@ -215,14 +221,9 @@ def artifact_facts(folder, manifest: dict) -> ArtifactFacts:
     # what a forward pass reads: the model files, not the tokenizer or metadata that ship beside them
     size = sum(int(f["bytes"]) for rel, f in manifest.get("files", {}).items()
                if not rel.startswith("tokenizer/") and not rel.endswith((".json", ".txt", ".md")))
-    config_dir = None
-    for candidate in (Path(folder), Path(manifest.get("reference", "") or "/nonexistent")):
-        if (candidate / "config.json").is_file():
-            config_dir = candidate
-            break
-    if config_dir is None:
-        raise EdgeSLMError(f"{folder}: cannot estimate without the model's config.json (not in the artifact, and "
-                           f"the reference folder {manifest.get('reference')!r} is not on this machine)")
+    config_dir = Path(folder)  # every artifact carries its model's config.json
+    if not (config_dir / "config.json").is_file():
+        raise EdgeSLMError(f"{folder} has no config.json (an artifact from an older edgeslm?): re-export it")
     import torch
 
     from .loading import build_decoder

@@ -2,9 +2,14 @@
 
 
 class EdgeSLMError(Exception):
-    """A user's mistake (bad path, bad file, unknown name). The CLI prints one line and exits 2."""
+    """A user's mistake (bad path, bad file, unknown name). The CLI prints one line and exits 2.
+
+    The message is kept on one line (whitespace runs folded), whatever a library's text put in it."""
 
     exit_code = 2
+
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
 class CheckFailed(EdgeSLMError):

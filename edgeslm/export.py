@@ -6,36 +6,47 @@ before anything is written, and the folder appears only when complete (artifact.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 
-def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, force=False, context=512,
-                    prefill_chunk=64, steps=None, verify=True, progress=True) -> dict:
-    """The whole export; returns the manifest. Raises EdgeSLMError on bad input before writing anything."""
+def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, force=False, context=None,
+                    prefill_chunk=64, steps=None, verify=True, progress=True, allow_pickle=False) -> dict:
+    """The whole export; returns the manifest. Raises EdgeSLMError on bad input before writing anything.
+
+    context None: verify.default_context (512, or 2x the sliding window so verify can cross it)."""
     import torch
 
     from .artifact import atomic_folder, write_manifest
     from .errors import CheckFailed, EdgeSLMError
-    from .loading import load_model, load_tokenizer
+    from .config import spec_from_hf_config
+    from .loading import load_model, load_tokenizer, read_hf_config, resolve_model_path
     from .model import count_parameters
     from .quantize import reference_folder
     from .schemes import get_scheme
     from .targets.base import ExportContext
     from .targets.registry import get_target
-    from .verify import verify_folder
+    from .verify import default_context, plan, verify_folder
 
     target = get_target(target_name)
     scheme = get_scheme(scheme_name)
     out = Path(out)
     if out.exists() and not force:
         raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
-    if context < 16 or prefill_chunk < 1:
-        raise EdgeSLMError("--context must be at least 16 and --prefill-chunk at least 1")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise EdgeSLMError(f"cannot write {out}: {out.parent} is not a folder")
     reason = target.unavailable_reason()
     if reason:
         raise EdgeSLMError(f"target {target.name} is not available here: {reason}")
-    ref = reference_folder(model_name, scheme, progress=progress)
-    model, _, _ = load_model(ref, with_tokenizer=False)
+    # settings that cannot work are refused from the config alone, before quantizing or exporting
+    spec = spec_from_hf_config(read_hf_config(resolve_model_path(model_name)))
+    context = default_context(spec, context)
+    if context < 16 or prefill_chunk < 1:
+        raise EdgeSLMError("--context must be at least 16 and --prefill-chunk at least 1")
+    if verify:
+        plan(spec, context, steps)
+    ref = reference_folder(model_name, scheme, progress=progress, allow_pickle=allow_pickle)
+    model, _, _ = load_model(ref, with_tokenizer=False, allow_pickle=allow_pickle)
     try:
         tok = load_tokenizer(ref)
     except EdgeSLMError:
@@ -43,8 +54,7 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
     reason = target.unsupported_reason(model, scheme)
     if reason:
         raise EdgeSLMError(reason)
-    parameters = count_parameters(model) + sum(b.numel() * (2 if b.dtype == torch.uint8 and "qweight" in n else 1)
-                                               for n, b in model.named_buffers() if "qweight" in n)
+    parameters = count_parameters(model)
     ctx = ExportContext(model_name=str(model_name), reference=str(ref.resolve()), context_length=context,
                         prefill_chunk=prefill_chunk, tokenizer=tok)
     with atomic_folder(out, force=force) as tmp:
@@ -52,12 +62,15 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
             fields = target.export(model, scheme, tmp, ctx)
         if tok is not None:
             tok.save_pretrained(str(tmp / "tokenizer"))
+        # the model's config travels with the artifact, so a copied folder needs no cache to be described
+        shutil.copyfile(Path(ref) / "config.json", tmp / "config.json")
         base = {"model": str(model_name), "scheme": scheme.name, "target": target.name,
                 "context_length": context, "reference": str(ref.resolve()), "parameters": parameters,
                 "architecture": model.spec.family if hasattr(model.spec, "family") else None, **fields}
         manifest = write_manifest(tmp, base)
         if verify:
-            result = verify_folder(tmp, steps=steps, progress=progress, manifest=manifest, raise_on_failure=False)
+            result = verify_folder(tmp, steps=steps, progress=progress, manifest=manifest, raise_on_failure=False,
+                                   allow_pickle=allow_pickle)
             result["folder"] = str(out)
             base["parity"] = result
         else:

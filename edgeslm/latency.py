@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,15 +38,10 @@ ANDROID_DIR = "/data/local/tmp/edgeslm"
 
 # ---- figures -------------------------------------------------------------------------------------------
 
-def percentile(values, q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), without numpy for the child process."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return float(xs[0])
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return float(xs[lo] + (xs[hi] - xs[lo]) * (k - lo))
+def percentile(values, q: int) -> float:
+    """The q-th percentile, linearly interpolated (numpy's default)."""
+    xs = list(values)
+    return float(xs[0]) if len(xs) == 1 else statistics.quantiles(xs, n=100, method="inclusive")[q - 1]
 
 
 def spread(values, slow_is_high: bool = True) -> dict:
@@ -101,7 +97,7 @@ def time_runner(runner, prompt: list[int], decode_tokens: int, runs: int, warmup
 
 def _child_measure(folder: str, prompt_tokens: int, decode_tokens: int, runs: int, warmup: int) -> dict:
     from .artifact import read_manifest
-    from .cli.main import quiet_third_party_noise
+    from .console import quiet_third_party_noise
     from .targets.registry import get_target
 
     quiet_third_party_noise()
@@ -115,46 +111,32 @@ def _child_measure(folder: str, prompt_tokens: int, decode_tokens: int, runs: in
     return {"runtime": runner.runtime or manifest["target"], **timed}
 
 
-def _run_child(cmd: list[str], env=None, timeout: float | None = None) -> tuple[str, str, int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise EdgeSLMError(f"{cmd[0]} did not finish within {timeout:.0f} s") from None
-    return out, err, proc.returncode
-
-
-# RUSAGE_CHILDREN is a maximum over every child this process ever had, so each measurement runs
-# under a fresh wrapper process whose only child is the measured one.
-_RSS_WRAPPER = (
-    "import os, resource, subprocess, sys, json\n"
-    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-    "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
-    "sys.stderr.write('\\nEDGESLM_PEAK_RSS_KB=%d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    "sys.exit(p.returncode)\n"
-)
-
-
 def run_measured(cmd: list[str], env=None, timeout: float | None = None) -> tuple[dict, float]:
-    """Runs cmd (which prints one JSON object) under a wrapper that reports its peak RSS -> (json, MB)."""
-    out, err, code = _run_child([sys.executable, "-c", _RSS_WRAPPER, *cmd], env=env, timeout=timeout)
-    rss_kb = 0
-    lines = []
-    for line in err.splitlines():
-        if line.startswith("EDGESLM_PEAK_RSS_KB="):
-            rss_kb = int(line.split("=", 1)[1])
-        elif line.strip():
-            lines.append(line)
+    """Runs cmd (which prints one JSON object) and reads its peak RSS from os.wait4 -> (json, MB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:  # wait4 with a deadline: poll, so that a hung runtime is killed, not waited on
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise EdgeSLMError(f"{Path(cmd[0]).name} did not finish within {timeout:.0f} s")
+            time.sleep(0.05)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, lines = out.read(), [ln for ln in err.read().splitlines() if ln.strip()]
     if code != 0:
         last = lines[-1] if lines else f"exit code {code}"
         raise EdgeSLMError(f"{Path(cmd[0]).name} failed: {last}") if code == 2 else RuntimeError(last)
     try:
-        result = json.loads(out)
+        result = json.loads(stdout)
     except json.JSONDecodeError:
-        raise RuntimeError(f"{Path(cmd[0]).name} printed no JSON: {out[-300:]!r} {lines[-3:]!r}") from None
-    return result, rss_kb * 1024 / 1e6
+        raise RuntimeError(f"{Path(cmd[0]).name} printed no JSON: {stdout[-300:]!r} {lines[-3:]!r}") from None
+    return result, usage.ru_maxrss * 1024 / 1e6
 
 
 def measure_host(folder, prompt_tokens: int, decode_tokens: int, runs: int, warmup: int,
@@ -178,9 +160,8 @@ def _vocab(folder, manifest: dict) -> int:
 
     if manifest.get("vocab_size"):
         return int(manifest["vocab_size"])
-    for candidate in (Path(folder), Path(manifest.get("reference", "") or "/nonexistent")):
-        if (candidate / "config.json").is_file():
-            return spec_from_hf_config(read_hf_config(candidate)).vocab_size
+    if (Path(folder) / "config.json").is_file():
+        return spec_from_hf_config(read_hf_config(Path(folder))).vocab_size
     raise EdgeSLMError(f"{folder}: cannot tell the vocabulary size (no vocab_size in the manifest, no config.json)")
 
 
@@ -399,20 +380,38 @@ def figures_for(folder, manifest, profile, prompt_tokens: int, decode_tokens: in
     return results
 
 
+# The one verdict vocabulary of budget checks (check, deploy, the report):
+#   pass        a measured figure within its budget
+#   fail        a measured figure outside its budget, an estimate outside it, or a run that failed
+#   unverified  an estimate within its budget: a roofline is a ceiling, not a measurement
+#   reported    a figure with no budget to judge (the host profile without a budget file)
+VERDICTS = ("pass", "fail", "unverified", "reported")
+
+
 def judge(result: dict, budgets: dict) -> list[dict]:
-    """One row per budgeted figure; a measured figure is judged on its median."""
+    """One row per figure; a measured figure is judged on its median."""
     from .devices import BUDGETS
 
     if result.get("error"):
-        return [{"figure": "runs", "value": None, "budget": None, "pass": False, "why": result["error"]}]
+        return [{"figure": "runs", "value": None, "budget": None, "verdict": "fail", "why": result["error"]}]
     rows = []
     for key, (direction, unit, _) in BUDGETS.items():
         fig = result["figures"].get(key)
-        if fig is None or key not in budgets:
+        if fig is None:
             continue
         value = fig.get("median", fig.get("value"))
-        ok = value is not None and not math.isnan(value) and (
-            value <= budgets[key] if direction == "max" else value >= budgets[key])
-        rows.append({"figure": key, "unit": unit, "value": value, "p90": fig.get("p90"), "budget": budgets[key],
-                     "direction": direction, "pass": bool(ok)})
+        budget = budgets.get(key)
+        if budget is None:
+            verdict = "reported"
+        else:
+            ok = value is not None and not math.isnan(value) and (value <= budget if direction == "max" else value >= budget)
+            verdict = "fail" if not ok else ("pass" if result.get("measured") else "unverified")
+        rows.append({"figure": key, "unit": unit, "value": value, "p90": fig.get("p90"), "budget": budget,
+                     "direction": direction, "verdict": verdict})
     return rows
+
+
+def verdicts_pass(rows, allow_estimates: bool = False) -> bool:
+    """True when every row passed or was only reported; `unverified` counts only with allow_estimates."""
+    allowed = {"pass", "reported"} | ({"unverified"} if allow_estimates else set())
+    return all(r["verdict"] in allowed for r in rows)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 from .config import spec_from_hf_config
 from .errors import EdgeSLMError
 from .model import Decoder
+from .names import hf_to_ours
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,16 +67,26 @@ def read_hf_config(folder: Path):
     """config.json -> a transformers config object, without ever importing code from the folder."""
     from transformers import CONFIG_MAPPING
 
+    from .config import SUPPORTED_MODEL_TYPES
+
+    path = folder / "config.json"
     try:
-        raw = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgeSLMError(f"{folder / 'config.json'} is not readable JSON: {e}") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise EdgeSLMError(f"{path} is not readable UTF-8 JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise EdgeSLMError(f"{path} must hold a JSON object")
     model_type = raw.pop("model_type", None)
-    if model_type not in CONFIG_MAPPING:
-        raise EdgeSLMError(f"unknown architecture {model_type!r} in {folder / 'config.json'}")
+    # refused before transformers sees it: its config classes raise on values they do not expect
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_MODEL_TYPES or model_type not in CONFIG_MAPPING:
+        raise EdgeSLMError(f"unsupported architecture {model_type!r} in {path}; supported: "
+                           f"{', '.join(sorted(SUPPORTED_MODEL_TYPES))}")
     raw.pop("auto_map", None)  # points at code in the folder; we only ever run our own decoder
     raw.pop("quantization_config", None)
-    return CONFIG_MAPPING[model_type](**raw)
+    try:
+        return CONFIG_MAPPING[model_type](**raw)
+    except Exception as e:  # transformers raises many types for values it rejects
+        raise EdgeSLMError(f"{path}: transformers rejects this {model_type} config ({type(e).__name__}: {e})") from None
 
 
 def read_hf_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -107,48 +119,6 @@ def read_hf_state_dict(folder: Path, allow_pickle: bool = False) -> dict[str, to
     raise EdgeSLMError(f"{folder} holds no *.safetensors weights")
 
 
-def hf_to_decoder_names(state: dict[str, torch.Tensor], spec) -> dict[str, torch.Tensor]:
-    """transformers parameter names -> ours (splitting Phi-3's fused projections)."""
-    out = {}
-    gemma = spec.sandwich_norms
-    norm_names = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "attn_post_norm" if gemma else "mlp_norm",
-        "pre_feedforward_layernorm": "mlp_norm",
-        "post_feedforward_layernorm": "mlp_post_norm",
-    }
-    q_size = spec.num_heads * spec.head_dim
-    kv_size = spec.num_kv_heads * spec.head_dim
-    for name, tensor in state.items():
-        if name.startswith("model.language_model."):
-            name = "model." + name[len("model.language_model.") :]
-        if name == "lm_head.weight":
-            if not spec.tie_embeddings:
-                out[name] = tensor
-            continue
-        if not name.startswith("model."):
-            continue
-        name = name[len("model.") :]
-        parts = name.split(".")
-        if parts[0] == "layers" and len(parts) >= 4:
-            prefix, module, rest = ".".join(parts[:2]), parts[2], parts[3:]
-            if module in norm_names:
-                out[f"{prefix}.{norm_names[module]}.{'.'.join(rest)}"] = tensor
-            elif module == "self_attn" and rest[0] == "qkv_proj":
-                q, k, v = tensor.split([q_size, kv_size, kv_size], dim=0)
-                for part, t in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
-                    out[f"{prefix}.self_attn.{part}.{rest[1]}"] = t
-            elif module == "mlp" and rest[0] == "gate_up_proj":
-                gate, up = tensor.chunk(2, dim=0)
-                out[f"{prefix}.mlp.gate_proj.{rest[1]}"] = gate
-                out[f"{prefix}.mlp.up_proj.{rest[1]}"] = up
-            else:
-                out[name] = tensor
-        else:
-            out[name] = tensor
-    return out
-
-
 def rope_tables(hf_config, spec) -> dict[str, tuple[torch.Tensor, float]]:
     """rope key -> (inv_freq, attention_scaling), through transformers' own RoPE initialisers."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -173,16 +143,26 @@ def rope_tables(hf_config, spec) -> dict[str, tuple[torch.Tensor, float]]:
 
 
 def build_decoder(hf_config, state: dict[str, torch.Tensor] | None = None, dtype=torch.float32) -> Decoder:
+    """The Decoder of a config; with `state`, built on the meta device and given the state's own
+    tensors (load_state_dict(assign=True)), so loading never holds a second copy of the weights."""
     spec = spec_from_hf_config(hf_config)
-    model = Decoder(spec, rope_tables(hf_config, spec))
+    rope = rope_tables(hf_config, spec)
+    if state is None:
+        model = Decoder(spec, rope)
+        model.hf_config = hf_config
+        return model.to(dtype).eval()
+    with torch.device("meta"):
+        model = Decoder(spec, rope)
     model.hf_config = hf_config
-    if state is not None:
-        ours = hf_to_decoder_names(state, spec)
-        missing, unexpected = model.load_state_dict(ours, strict=False)
-        if missing or unexpected:
-            raise EdgeSLMError(
-                f"weights do not fit the {spec.family} config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
+    try:
+        ours = hf_to_ours(state, spec)
+        missing, unexpected = model.load_state_dict(ours, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        first = str(e).strip().splitlines()[-1].strip()[:300]
+        raise EdgeSLMError(f"weights do not fit the {spec.family} config.json: {first}") from None
+    if missing or unexpected:
+        raise EdgeSLMError(f"weights do not fit the {spec.family} config: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
     return model.to(dtype).eval()
 
 
@@ -248,7 +228,7 @@ def gguf_to_hf_folder(path: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    print(f"converting {path.name} to safetensors (once; cached in {target})", flush=True)
+    print(f"converting {path.name} to safetensors (once; cached in {target})", file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

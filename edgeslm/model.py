@@ -316,7 +316,11 @@ def generate_greedy(model: Decoder, prompt: torch.Tensor, steps: int, max_len: i
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Weights of the model as it was before quantization: float parameters plus the weights that
+    quantized modules hold as packed `qweight` buffers (two int4 codes per byte)."""
+    packed = sum(b.numel() * (2 if b.dtype == torch.uint8 else 1) for n, b in model.named_buffers()
+                 if n.endswith("qweight"))
+    return sum(p.numel() for p in model.parameters()) + packed
 
 
 def causal_lm_loss(logits, tokens):

@@ -149,31 +149,31 @@ def linear_names(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, Linear)]
 
 
+def quantized_module(old, scheme):
+    """An empty quantized module for `scheme` in place of a float Linear or Embedding (bias kept)."""
+    from .model import Embedding
+
+    if isinstance(old, Embedding):
+        vocab, dim = old.weight.shape
+        return Int4Embedding(vocab, dim, scheme.group_size, scheme.symmetric) if scheme.bits == 4 else Int8Embedding(vocab, dim)
+    if scheme.bits == 4:
+        new = Int4Linear(old.in_features, old.out_features, scheme.group_size, scheme.symmetric, old.bias is not None)
+    else:
+        new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
+    if old.bias is not None:
+        new.bias = old.bias
+    return new
+
+
 def swap_modules(model, scheme) -> list[str]:
     """Replaces float modules by empty quantized ones for `scheme`; returns the swapped names."""
     from .model import Embedding
 
-    swapped = []
-    for name in linear_names(model):
+    names = linear_names(model) + (["embed_tokens"] if isinstance(model.embed_tokens, Embedding) else [])
+    for name in names:
         parent, attr = _parent(model, name)
-        old = getattr(parent, attr)
-        if scheme.bits == 4:
-            new = Int4Linear(old.in_features, old.out_features, scheme.group_size, scheme.symmetric, old.bias is not None)
-        else:
-            new = Int8Linear(old.in_features, old.out_features, old.bias is not None)
-        if old.bias is not None:
-            new.bias = old.bias
-        setattr(parent, attr, new)
-        swapped.append(name)
-    emb = model.embed_tokens
-    if isinstance(emb, Embedding):
-        vocab, dim = emb.weight.shape
-        if scheme.bits == 4:
-            model.embed_tokens = Int4Embedding(vocab, dim, scheme.group_size, scheme.symmetric)
-        else:
-            model.embed_tokens = Int8Embedding(vocab, dim)
-        swapped.append("embed_tokens")
-    return swapped
+        setattr(parent, attr, quantized_module(getattr(parent, attr), scheme))
+    return names
 
 
 def map_int4_modules(model, linear_fn, embedding_fn):
@@ -248,7 +248,10 @@ def load_quantized(folder: Path, dtype=torch.float32):
         state = load_file(folder / "model.safetensors")
     except (SafetensorError, OSError) as e:
         raise EdgeSLMError(f"{folder / 'model.safetensors'} is not a valid safetensors file ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        raise EdgeSLMError(f"{folder} does not fit its config: {str(e).strip().splitlines()[-1].strip()[:300]}") from None
     if missing or unexpected:
         raise EdgeSLMError(f"{folder} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, t in model.named_parameters():

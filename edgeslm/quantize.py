@@ -23,20 +23,16 @@ states (what the lm_head sees), which keeps the row lookups plain round-to-neare
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
-from .qformat import fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, scale_grid, swap_modules
+from .qformat import _parent, fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, quantized_module, scale_grid
+from .schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION  # noqa: F401 (re-exported)
 
-DEFAULT_CALIBRATION = "brown:train"
-# 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30 layers costs about three CPU
-# minutes (two forward passes per layer dominate); the published GPTQ/AWQ recipes use 128 x 2048 on
-# a GPU, which on this 2-core machine would take hours. --samples raises it.
-CALIBRATION_SAMPLES = 8
-CALIBRATION_LENGTH = 512
-CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/1"  # part of reference_folder's cache key
+CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/2"  # part of reference_folder's cache key
 SCALE_GRID = "scales fp16 and bf16-exact"  # qformat.scale_grid; part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
 AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
@@ -81,19 +77,26 @@ def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progr
         return model.to(getattr(torch, scheme.float_dtype))
     check_group_size(model, scheme)
     model.float()
+    # Each module is replaced by its quantized one as soon as its grid is known, which frees its
+    # float weight: quantizing never holds more than the float model and one layer's work.
     if scheme.method == "rtn" or scheme.bits == 8:
-        results = {name: _rtn(model.get_submodule(name).weight, scheme) for name in linear_names(model)}
-        results["embed_tokens"] = _rtn(model.embed_tokens.weight, scheme)
+        for name in linear_names(model) + ["embed_tokens"]:
+            _swap_in(model, name, _rtn(model.get_submodule(name).weight, scheme), scheme)
     elif scheme.method in ("gptq", "awq"):
         if calibration is None or calibration.numel() == 0:
             raise EdgeSLMError(f"{scheme.name} needs calibration text")
-        results = _calibrated(model, scheme, calibration, progress)
+        _calibrated(model, scheme, calibration, progress)
     else:
         raise EdgeSLMError(f"{scheme.name}: unknown quantization method {scheme.method!r}")
-    swap_modules(model, scheme)
-    for name, grid in results.items():
-        _fill(model.get_submodule(name), grid, scheme)
     return model
+
+
+def _swap_in(model, name: str, grid, scheme):
+    """Replaces the float module `name` by its quantized module holding `grid`."""
+    parent, attr = _parent(model, name)
+    module = quantized_module(getattr(parent, attr), scheme)
+    _fill(module, grid, scheme)
+    setattr(parent, attr, module)
 
 
 def _rtn(w, scheme):
@@ -301,9 +304,9 @@ def _hessian(x):
 
 
 def _calibrated(model, scheme, calibration, progress):
-    """Layer by layer: capture inputs, (AWQ) scale, quantize, feed the quantized outputs on."""
+    """Layer by layer: capture inputs, (AWQ) scale, quantize, swap the layer's quantized modules in,
+    feed its quantized outputs on (sequential quantization)."""
     g, sym = scheme.group_size, scheme.symmetric
-    results = {}
     hidden = model.embed_tokens(calibration)
     if model.spec.embed_scale is not None:
         hidden = hidden * torch.tensor(model.spec.embed_scale, dtype=hidden.dtype)
@@ -330,18 +333,15 @@ def _calibrated(model, scheme, calibration, progress):
                     layer.get_submodule(n).weight.mul_(s[None, :])
                 x = x / s  # what these linears now see
             xs[group[0]] = x
+        grids = {}
         for feeder, group in groups:
             h = _hessian(xs[group[0]])
             for n in group:
                 lin = layer.get_submodule(n)
-                if scheme.method == "gptq":
-                    grid = gptq(lin.weight, h, g, sym)
-                else:
-                    grid = clipped_rtn(lin.weight, g, sym, h)
-                results[f"layers.{index}.{n}"] = grid
-                # the layer must now compute with its quantized weights (sequential quantization)
-                lin.weight.copy_(_dequant_grid(grid, g, lin.weight.shape))
-        del xs
+                grids[n] = gptq(lin.weight, h, g, sym) if scheme.method == "gptq" else clipped_rtn(lin.weight, g, sym, h)
+        for n, grid in grids.items():  # every fold is done: the layer now computes with its codes
+            _swap_in(model, f"layers.{index}.{n}", grid, scheme)
+        del xs, grids
         del inputs
         hidden = _run_layer(model, layer, hidden)
         del layer.layer_index
@@ -350,27 +350,18 @@ def _calibrated(model, scheme, calibration, progress):
     h = _hessian(final)
     if model.lm_head is not None:
         w = model.lm_head.weight
-        results["lm_head"] = gptq(w, h, g, sym) if scheme.method == "gptq" else clipped_rtn(w, g, sym, h)
-    results["embed_tokens"] = clipped_rtn(model.embed_tokens.weight, g, sym, h)
-    return results
-
-
-def _dequant_grid(grid, group_size, shape):
-    codes, scale, zero = grid
-    n, k = shape
-    z = torch.full_like(scale, 8.0, dtype=torch.float32) if zero is None else zero.float()
-    w = (codes.float().view(n, k // group_size, group_size) - z[..., None]) * scale.float()[..., None]
-    return w.view(n, k)
+        _swap_in(model, "lm_head", gptq(w, h, g, sym) if scheme.method == "gptq" else clipped_rtn(w, g, sym, h), scheme)
+    _swap_in(model, "embed_tokens", clipped_rtn(model.embed_tokens.weight, g, sym, h), scheme)
 
 
 # ---------------------------------------------------------------- the cached reference checkpoint
 
 
 def quantize_folder(model_name, scheme, out, calibration_source: str = DEFAULT_CALIBRATION,
-                    samples: int = CALIBRATION_SAMPLES, progress: bool = True, force: bool = False) -> dict:
+                    samples: int = CALIBRATION_SAMPLES, progress: bool = True, force: bool = False,
+                    allow_pickle: bool = False) -> dict:
     """Loads a float model, quantizes it and writes the checkpoint folder atomically; returns facts."""
     import time
-    from pathlib import Path
 
     from .artifact import atomic_folder
     from .loading import load_model
@@ -379,7 +370,7 @@ def quantize_folder(model_name, scheme, out, calibration_source: str = DEFAULT_C
     out = Path(out)
     if out.exists() and not force:
         raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
-    model, tok, folder = load_model(model_name)
+    model, tok, folder = load_model(model_name, allow_pickle=allow_pickle)
     if is_quantized_folder(folder):
         raise EdgeSLMError(f"{folder} is already a quantized checkpoint; quantize the float model")
     check_group_size(model, scheme)
@@ -404,7 +395,8 @@ def quantize_folder(model_name, scheme, out, calibration_source: str = DEFAULT_C
             "seconds": round(seconds, 1)}
 
 
-def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIBRATION, progress: bool = True):
+def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIBRATION, progress: bool = True,
+                     allow_pickle: bool = False):
     """The folder every target exports from and verify compares against, for (model, scheme).
 
     A float scheme uses the model folder itself. A quantized scheme is computed once into
@@ -414,7 +406,7 @@ def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIB
     import hashlib
     import json
 
-    from .artifact import atomic_folder
+    from .artifact import atomic_folder, content_key
     from .loading import cache_dir, load_model, resolve_model_path
     from .qformat import is_quantized_folder, save_quantized
 
@@ -426,18 +418,18 @@ def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIB
         return folder
     if not scheme.quantized:
         return folder
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(calibration_source.encode())
-    h.update(SCALE_GRID.encode())  # results cached before the bf16-exact scale grid are not reused
-    if scheme.needs_calibration:  # a changed GPTQ/AWQ recipe must not reuse an older cached result
-        h.update(f"{CALIBRATED_RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}".encode())
+    # keyed by content: the model's weights and config, the calibration text (a user's file by its
+    # bytes), the recipe constants, and the tool versions (content_key adds those)
+    weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
+    calibration_file = Path(calibration_source)
+    key = content_key(*weights, calibration_file if calibration_file.is_file() else calibration_source, SCALE_GRID,
+                      f"{CALIBRATED_RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}" if scheme.needs_calibration
+                      else "", scheme.name)
+    h = hashlib.sha256(key.encode())
     target = cache_dir() / "quantized" / f"{folder.name}-{h.hexdigest()[:12]}-{scheme.name}"
     if (target / "quant.json").is_file():
         return target
-    model, tok, _ = load_model(folder)
+    model, tok, _ = load_model(folder, allow_pickle=allow_pickle)
     calibration = None
     if scheme.needs_calibration:
         calibration = calibration_tokens(tok, calibration_source)

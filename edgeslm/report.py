@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
-import html
 import io
+
+import jinja2
+import markupsafe
 
 import matplotlib
 
@@ -53,17 +55,21 @@ def latency_plot(checks: list[dict]) -> str | None:
 
 
 def size_perplexity_plot(schemes: list[dict]) -> str | None:
+    """Weights against perplexity, one marker per scheme; the names go in a legend, not beside the
+    points, so that close points never print over each other's labels."""
     rows = [s for s in schemes if s.get("bytes") and s.get("perplexity")]
     if not rows:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for s in rows:
-        ax.scatter(s["bytes"] / 2**20, s["perplexity"], color="C3" if s.get("chosen") else "C0")
-        ax.annotate(s["scheme"], (s["bytes"] / 2**20, s["perplexity"]), fontsize=8, xytext=(4, 3),
-                    textcoords="offset points")
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    markers = "osD^vP*Xh<>"
+    for i, s in enumerate(rows):
+        ax.scatter(s["bytes"] / 2**20, s["perplexity"], s=60 if s.get("chosen") else 40, marker=markers[i % len(markers)],
+                   color="C3" if s.get("chosen") else f"C{(i % 9) + (i % 9 >= 3)}",
+                   label=s["scheme"] + (" (chosen)" if s.get("chosen") else ""))
     ax.set_xlabel("weights (MiB)")
     ax.set_ylabel("Brown test perplexity")
     ax.set_title("Size against perplexity per scheme")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     return _png(fig)
 
 
@@ -72,64 +78,52 @@ def _fmt(v, digits=3):
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}g}" if abs(v) < 1e-2 else f"{v:,.{digits}f}".rstrip("0").rstrip(".")
-    return html.escape(str(v))
+    return str(v)
 
 
-def _status(ok) -> str:
-    if ok is None:
-        return '<span class="skip">skipped</span>'
-    return '<span class="pass">pass</span>' if ok else '<span class="fail">FAIL</span>'
+VERDICT_CLASS = {"pass": "pass", "fail": "fail", "unverified": "est", "reported": "skip"}
+
+
+XX
+
+
+PAGE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
+<html><head><meta charset="utf-8"><title>edgeslm report: {{ r.model_name }}</title><style>{{ css }}</style></head><body>
+<h1>edgeslm deploy: {{ r.model_name }}</h1>
+<p class="muted">scheme <b>{{ r.scheme }}</b> · {{ "%.1f"|format(r.parameters / 1e6) }}M parameters · {{ r.created }}
+ · overall {{ status("pass" if r.ok else "fail") }}</p>
+<p>Budget checks: {{ status("pass") }} {{ v.pass or 0 }} measured within budget · {{ status("fail") }} {{ v.fail or 0 }}
+ · {{ status("unverified") }} {{ v.unverified or 0 }} estimated within budget, not measured
+ · {{ status("reported") }} {{ v.reported or 0 }} without a budget
+ {%- if r.allow_estimates %} (estimates accepted by allow_estimates){% endif %}</p>
+<h2>Targets</h2>
+<table><tr><th>target</th><th>status</th><th>size</th><th>bytes/param</th><th>greedy tokens agreeing</th>
+<th>max |Δlogit|</th><th>perplexity (artifact / reference)</th><th>runtime</th></tr>
+{% for t in r.targets %}{% set p = t.parity or {} %}
+<tr><td>{{ t.target }}</td><td>{{ status(t.verdict) }}{% if t.reason %} <span class="muted">{{ t.reason }}</span>{% endif %}</td>
+<td>{{ fmt((t.bytes or 0) / 1048576) }} MiB</td><td>{{ fmt(t.bytes_per_param) }}</td>
+<td>{{ fmt(p.greedy_agree) }} of {{ fmt(p.steps) }}</td><td>{{ fmt(p.max_abs_logit_diff) }}</td>
+<td>{{ fmt(p.ppl_artifact) }} / {{ fmt(p.ppl_reference) }}</td><td>{{ p.runtime or "" }}</td></tr>
+{% endfor %}</table>
+{% if r.checks %}<h2>Latency per device</h2>
+<table><tr><th>target</th><th>device</th><th>figure</th><th>value</th><th>budget</th><th>result</th><th>source</th></tr>
+{% for c in r.checks %}<tr{% if c.source == "estimated" %} class="est"{% endif %}><td>{{ c.target }}</td><td>{{ c.device }}</td>
+<td>{{ c.metric }}</td><td>{{ fmt(c.value) }}{% if c.spread %} (p90 {{ fmt(c.spread) }}){% endif %}</td>
+<td>{{ fmt(c.budget) }}</td><td>{{ status(c.verdict) }}</td><td>{{ c.runner or c.source }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% if latency_png %}<img alt="latency per device and target" src="{{ latency_png }}">{% endif %}
+<h2>Size against perplexity</h2>
+{% if size_png %}<img alt="size against perplexity per scheme" src="{{ size_png }}">{% else %}<p class="muted">no scheme figures</p>{% endif %}
+{% if r.not_available %}<h2>Not built on this machine</h2><ul>
+{% for name, why in r.not_available.items() %}<li><b>{{ name }}</b>: {{ why }}</li>{% endfor %}</ul>{% endif %}
+<h2>Tool versions</h2><table>
+{% for name, version in (r.tools or {})|dictsort %}<tr><td>{{ name }}</td><td>{{ version }}</td></tr>{% endfor %}
+</table></body></html>
+""")
 
 
 def render_html(report: dict) -> str:
-    e = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>edgeslm report: {e(report['model_name'])}"
-             f"</title><style>{CSS}</style></head><body>"]
-    parts.append(f"<h1>edgeslm deploy: {e(report['model_name'])}</h1>")
-    parts.append(f"<p class='muted'>scheme <b>{e(report['scheme'])}</b> · {report['parameters'] / 1e6:.1f}M parameters"
-                 f" · {e(report['created'])} · overall {_status(report['ok'])}</p>")
-
-    parts.append("<h2>Targets</h2><table><tr><th>target</th><th>status</th><th>size</th><th>bytes/param</th>"
-                 "<th>greedy tokens agreeing</th><th>max |Δlogit|</th><th>perplexity (artifact / reference)</th>"
-                 "<th>runtime</th></tr>")
-    for t in report["targets"]:
-        p = t.get("parity") or {}
-        ppl = p.get("ppl_artifact"), p.get("ppl_reference")
-        parts.append(
-            f"<tr><td>{e(t['target'])}</td><td>{_status(t.get('ok'))}"
-            + (f" <span class='muted'>{e(t['reason'])}</span>" if t.get("reason") else "")
-            + f"</td><td>{_fmt((t.get('bytes') or 0) / 2**20)} MiB</td><td>{_fmt(t.get('bytes_per_param'))}</td>"
-            f"<td>{_fmt(p.get('greedy_agree'))} of {_fmt(p.get('steps'))}</td><td>{_fmt(p.get('max_abs_logit_diff'))}</td>"
-            f"<td>{_fmt(ppl[0])} / {_fmt(ppl[1])}</td><td>{e(str(p.get('runtime', '')))}</td></tr>")
-    parts.append("</table>")
-
-    if report.get("checks"):
-        parts.append("<h2>Latency per device</h2><table><tr><th>target</th><th>device</th><th>figure</th>"
-                     "<th>value</th><th>budget</th><th>result</th><th>source</th></tr>")
-        for c in report["checks"]:
-            cls = " class='est'" if c.get("source") == "estimated" else ""
-            parts.append(f"<tr{cls}><td>{e(c['target'])}</td><td>{e(c['device'])}</td><td>{e(c['metric'])}</td>"
-                         f"<td>{_fmt(c.get('value'))}{' (p90 ' + _fmt(c['spread']) + ')' if c.get('spread') else ''}</td>"
-                         f"<td>{_fmt(c.get('budget'))}</td><td>{_status(c.get('ok'))}</td>"
-                         f"<td>{e(str(c.get('runner') or c.get('source', '')))}</td></tr>")
-        parts.append("</table>")
-    plot = latency_plot(report.get("checks") or [])
-    if plot:
-        parts.append(f"<img alt='latency per device and target' src='{plot}'>")
-
-    plot = size_perplexity_plot(report.get("schemes") or [])
-    parts.append("<h2>Size against perplexity</h2>")
-    if plot:
-        parts.append(f"<img alt='size against perplexity per scheme' src='{plot}'>")
-    else:
-        parts.append("<p class='muted'>no scheme figures</p>")
-
-    if report.get("not_available"):
-        parts.append("<h2>Not built on this machine</h2><ul>")
-        parts += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in report["not_available"].items()]
-        parts.append("</ul>")
-
-    parts.append("<h2>Tool versions</h2><table>")
-    parts += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in sorted(report.get("tools", {}).items())]
-    parts.append("</table></body></html>")
-    return "".join(parts)
+    """The page, from report.json's dict (autoescaped: model names and reasons are user text)."""
+    return PAGE.render(r=report, v=report.get("verdicts") or {}, css=markupsafe.Markup(CSS), status=_status, fmt=_fmt,
+                       latency_png=latency_plot(report.get("checks") or []),
+                       size_png=size_perplexity_plot(report.get("schemes") or []))

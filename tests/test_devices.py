@@ -23,7 +23,8 @@ def test_shipped_profiles_are_complete_and_cite_sources():
     assert {p.kind for p in profiles.values()} == set(KINDS)
     for p in profiles.values():
         assert p.sources and all(len(s) > 20 for s in p.sources), p.name
-        assert set(BUDGET_KEYS) <= set(p.budgets), p.name
+        # this machine's profiles (host, browser) judge nothing by default; every real device has budgets
+        assert set(BUDGET_KEYS) <= set(p.budgets) or p.name in ("host", "browser"), p.name
         assert 0 < p.usable_app_memory_gb <= p.memory_gb, p.name
         assert p.targets, p.name
     # the host profile's figures were measured on this machine and say so
@@ -52,7 +53,7 @@ def test_budget_file_overrides_and_rejects_bad_values(tmp_path):
     pixel = budgets_for(get_profile("pixel-8"), overrides)
     host = budgets_for(get_profile("host"), overrides)
     assert pixel["ttft_ms"] == 250 and pixel["decode_tok_s"] == 40 and pixel["prompt_tokens"] == 32
-    assert host["ttft_ms"] == 250 and host["decode_tok_s"] == get_profile("host").budgets["decode_tok_s"]
+    assert host["ttft_ms"] == 250 and "decode_tok_s" not in host  # host has no budget of its own
     for text, match in [("ttft_ms = nan\n", "finite"), ("decode_tok_s = -1\n", "positive"),
                         ("[device.host]\npeak_memory_mb = inf\n", "finite"), ("latency = 3\n", "unknown budget"),
                         ('ttft_ms = "fast"\n', "number"), ("ttft_ms = \n", "not valid TOML"),

@@ -7,6 +7,8 @@ a prefill chunk overwrites a whole ring at once.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -54,7 +56,7 @@ def test_wrapper_is_the_decoder_function():
     from tiny import tiny_pair
 
     _, dec = tiny_pair("gemma2")
-    step = CoreMLStep(dec, CONTEXT, cache_dtype=torch.float32).eval()
+    step = CoreMLStep(copy.deepcopy(dec), CONTEXT, cache_dtype=torch.float32).eval()
     ids = torch.randint(0, dec.spec.vocab_size, (1, 44), generator=torch.Generator().manual_seed(0))
     cache = dec.new_cache(1, CONTEXT)
     with torch.no_grad():
@@ -159,3 +161,16 @@ def test_palettize4_refuses_quantized_schemes(tiny_folder, tmp_path):
     ctx = ExportContext(model_name="tiny", reference=str(tiny_folder), options={"compression": "palettize4"})
     with pytest.raises(EdgeSLMError, match="palettize4"):
         TARGET.export(None, get_scheme("q4g32-rtn"), tmp_path / "x", ctx)
+
+
+def test_f32_without_a_final_softcap_meets_its_derived_bounds(tmp_path):
+    """Logits not squashed by a final soft-cap, so errors show: an f32 package (fp16 KV state) meets
+    the bounds derived from its arithmetic, and those bounds say where they come from."""
+    from tiny_export import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "gemma2", "gemma2", final_logit_softcapping=None)
+    manifest = _export(folder, "f32", tmp_path / "f32")
+    p, bounds = manifest["parity"], manifest["parity_bounds"]
+    assert p["passed"], p["failures"]
+    assert "fp16 KV-cache state" in bounds["basis"] and p["bounds"] == bounds
+    assert p["max_abs_logit_diff"] <= bounds["max_abs_logit"] < 0.5

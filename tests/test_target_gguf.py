@@ -178,3 +178,60 @@ def test_smollm2_q4_0_in_llama_cpp(tmp_path):
     print(f"llama.cpp Q4_0 vs reference: identical greedy prefix {agree}/{steps}, max |logit diff| {diff:.3f}")
     assert agree == steps  # measured: 32/32
     assert diff < 2.0  # measured 1.18 (8-bit activations in llama.cpp's Q4_0 x Q8_0 dot products)
+
+
+def swap_rows(gguf_path, tensor_name: str, i: int, j: int):
+    """Swaps rows i and j of a tensor in a GGUF file, in place (any block type: rows are contiguous)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    (tensor,) = [t for t in reader.tensors if t.name == tensor_name]
+    rows = int(tensor.shape[-1]) if len(tensor.shape) > 1 else 1  # gguf lists dims fastest-first
+    row_bytes = int(tensor.n_bytes) // rows
+    del reader
+    with open(gguf_path, "r+b") as f:
+        f.seek(tensor.data_offset + i * row_bytes)
+        a = f.read(row_bytes)
+        f.seek(tensor.data_offset + j * row_bytes)
+        b = f.read(row_bytes)
+        f.seek(tensor.data_offset + i * row_bytes)
+        f.write(b)
+        f.seek(tensor.data_offset + j * row_bytes)
+        f.write(a)
+
+
+@needs_llama_cpp
+def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path):
+    """The negative test: a Q4_0 artifact whose embedding rows of two prompt tokens are swapped, with
+    its manifest re-hashed so that only parity can catch it, fails verify (exit 1) on a bound."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_export import tiny_model_folder
+
+    from edgeslm.artifact import write_manifest
+    from edgeslm.export import export_artifact
+    from edgeslm.loading import load_tokenizer
+    from edgeslm.verify import PROMPT_TEXT
+
+    folder = tiny_model_folder(tmp_path / "tiny", "llama")
+    art = tmp_path / "gguf"
+    manifest = export_artifact(folder, "gguf", "q4g32-rtn", art, context=128, prefill_chunk=16, progress=False)
+    assert manifest["parity"]["passed"], manifest["parity"]["failures"]
+    bounds = manifest["parity_bounds"]
+    assert bounds["max_abs_logit"] < 5 and "Q8_0" in bounds["basis"]
+    copy = tmp_path / "swapped"
+    shutil.copytree(art, copy)
+    ids = load_tokenizer(folder)(PROMPT_TEXT, add_special_tokens=False).input_ids
+    a, b = sorted(set(ids), key=ids.count)[-2:]  # the two most frequent prompt tokens
+    swap_rows(copy / "model.gguf", "token_embd.weight", a, b)
+    m = json.loads((copy / "manifest.json").read_text())
+    write_manifest(copy, {k: v for k, v in m.items() if k not in ("files", "format", "created", "tools")})
+    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "verify", str(copy), "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert not result["passed"] and result["failures"]
+    assert any("logit diff" in f or "greedy" in f for f in result["failures"])

@@ -21,9 +21,9 @@ def char_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]")
 
 
-def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0) -> Path:
+def tiny_model_folder(folder: Path, family: str = "gemma2", seed: int = 0, **overrides) -> Path:
     """Writes config.json + model.safetensors + tokenizer files of tiny_pair(family) into folder."""
-    hf, _ = tiny_pair(family, seed=seed)
+    hf, _ = tiny_pair(family, seed=seed, **overrides)
     folder = Path(folder)
     hf.save_pretrained(str(folder), safe_serialization=True)
     char_tokenizer().save_pretrained(str(folder))
@@ -34,7 +34,7 @@ def isolated_cache(tmp: Path, monkeypatch) -> Path:
     """Points EDGESLM_CACHE at tmp (quantized tiny references land there), keeping the Brown corpus."""
     from edgeslm.data import brown_dir
 
-    brown = brown_dir()  # resolved (and fetched if missing) in the real cache first
+    brown = brown_dir()  # in the real cache, where the set-up installed it
     cache = Path(tmp) / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     (cache / brown.name).symlink_to(brown)

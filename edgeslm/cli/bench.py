@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..errors import EdgeSLMError
 from ..latency import figures_for
-from .check import add_common_arguments, check_counts, fmt, open_artifacts
+from ..api import check_counts, open_artifacts
+from .check import add_common_arguments, fmt
 from .common import add_json_argument, emit, table
 
 HELP = "time artifacts on devices over a sweep of prompt lengths and batch sizes (no budgets)"
@@ -42,7 +43,7 @@ def run(args) -> int:
 
     from ..devices import artifact_facts, estimate, get_profile
 
-    check_counts(args)
+    check_counts(args.decode_tokens, args.runs, args.warmup)
     contexts, batches = int_list(args.contexts), int_list(args.batch)
     profiles = [get_profile(name, args.profiles) for name in (args.device or ["host"])]
     artifacts = open_artifacts(args.artifacts)

@@ -8,7 +8,8 @@ from ..errors import CheckFailed, EdgeSLMError
 from .common import add_json_argument, emit, table
 
 HELP = ("time each artifact on each device (measured where a runner reaches it, else a labelled roofline "
-        "estimate) and compare with the device's budgets")
+        "estimate) and compare with the device's budgets; exit 0 only when every figure was measured and passed "
+        "(or has no budget), unless --allow-estimates")
 
 
 def add_arguments(p):
@@ -19,6 +20,8 @@ def add_arguments(p):
     p.add_argument("--budget", metavar="FILE", help="a TOML budget file overriding the profiles' defaults: "
                    "top-level keys (ttft_ms, decode_tok_s, peak_memory_mb, artifact_mb, prompt_tokens) for every "
                    "device, [device.NAME] tables for one")
+    p.add_argument("--allow-estimates", action="store_true",
+                   help="let a roofline estimate within its budget (UNVERIFIED) count toward exit 0")
     add_common_arguments(p)
     add_json_argument(p)
 
@@ -31,56 +34,25 @@ def add_common_arguments(p):
     p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed runs first (default 1)")
 
 
-def check_counts(args):
-    if args.decode_tokens < 2:
-        raise EdgeSLMError("--decode-tokens must be at least 2 (one prefill token + one decode step)")
-    if args.runs < 1 or args.warmup < 0:
-        raise EdgeSLMError("--runs must be >= 1 and --warmup >= 0")
-
-
-def open_artifacts(dirs) -> list[tuple[Path, dict]]:
-    from ..artifact import read_manifest, require_hashes
-
-    out = []
-    for d in dirs:
-        folder = Path(d)
-        if not folder.is_dir():
-            raise EdgeSLMError(f"{folder} is not a folder")
-        manifest = read_manifest(folder)
-        if "target" not in manifest:
-            raise EdgeSLMError(f"{folder}/manifest.json does not name its target")
-        require_hashes(folder, manifest)
-        out.append((folder, manifest))
-    return out
-
-
 def run(args) -> int:
-    from tqdm import tqdm
+    from ..api import check
 
-    from ..devices import budgets_for, get_profile, load_budget_file
-    from ..latency import figures_for, judge
-
-    check_counts(args)
-    # every input is validated before anything is timed
-    profiles = [get_profile(name, args.profiles) for name in args.device]
-    overrides = load_budget_file(args.budget) if args.budget else None
-    artifacts = open_artifacts(args.artifacts)
-
-    results = []
-    pairs = [(a, p) for a in artifacts for p in profiles]
-    for (folder, manifest), profile in tqdm(pairs, desc="check", unit="pair", disable=len(pairs) < 2 and args.json):
-        budgets = budgets_for(profile, overrides)
-        prompt = int(budgets["prompt_tokens"])
-        for r in figures_for(folder, manifest, profile, prompt, args.decode_tokens, args.runs, args.warmup):
-            results.append({"artifact": str(folder), "target": manifest["target"], "device": profile.name,
-                            "device_kind": profile.kind, "prompt_tokens": prompt, "decode_tokens": args.decode_tokens,
-                            "runs": args.runs if r["measured"] else None, **r, "checks": judge(r, budgets)})
-    passed = all(c["pass"] for r in results for c in r["checks"])
-    emit({"passed": passed, "results": results}, args.json, render)
-    if not passed:
+    report = check(args.artifacts, devices=args.device, budget=args.budget, allow_estimates=args.allow_estimates,
+                   profiles=args.profiles, decode_tokens=args.decode_tokens, runs=args.runs, warmup=args.warmup)
+    emit(report.to_dict(), args.json, render)
+    if not report.passed:
+        results = report.results
         failed = [f"{Path(r['artifact']).name}@{r['device']}:{c['figure']}" for r in results for c in r["checks"]
-                  if not c["pass"]]
-        raise CheckFailed(f"{len(failed)} budget check(s) failed: {', '.join(failed[:6])}")
+                  if c["verdict"] == "fail"]
+        unverified = sorted({f"{Path(r['artifact']).name}@{r['device']}" for r in results
+                             if any(c["verdict"] == "unverified" for c in r["checks"])})
+        why = []
+        if failed:
+            why.append(f"{len(failed)} budget check(s) failed: {', '.join(failed[:6])}")
+        if unverified:
+            why.append(f"{len(unverified)} pair(s) only estimated, not measured: {', '.join(unverified[:6])} "
+                       "(--allow-estimates accepts estimates)")
+        raise CheckFailed("; ".join(why))
     return 0
 
 
@@ -99,8 +71,9 @@ def render(r: dict):
                 rows.append([Path(res["artifact"]).name, res["device"], label, "-", "-", "-", "-", "FAIL: " + c["why"]])
                 continue
             sign = "<=" if c["direction"] == "max" else ">="
+            budget = f"{sign} {fmt(c['budget'])}" if c["budget"] is not None else "-"
             rows.append([Path(res["artifact"]).name, res["device"], label, f"{c['figure']}",
-                         fmt(c["value"]), fmt(c["p90"]), f"{sign} {fmt(c['budget'])}", "pass" if c["pass"] else "FAIL"])
+                         fmt(c["value"]), fmt(c["p90"]), budget, c["verdict"].upper()])
     print(table(rows, ["artifact", "device", "runner", "figure", "median/value", "p90", "budget", "result"]))
     prompts = sorted({res["prompt_tokens"] for res in r["results"]})
     print(f"\nTTFT at a prompt of {', '.join(map(str, prompts))} tokens; decode over "
@@ -110,4 +83,8 @@ def render(r: dict):
     for res in r["results"]:
         if res.get("note"):
             print(f"  {Path(res['artifact']).name} on {res['device']}: estimated because {res['note']}")
-    print("all budgets pass" if r["passed"] else "some budgets FAIL")
+    v = r["verdicts"]
+    print(f"{v['pass']} PASS (measured), {v['fail']} FAIL, {v['unverified']} UNVERIFIED (estimate within budget), "
+          f"{v['reported']} REPORTED (no budget)")
+    print("check passed" if r["passed"] else "check FAILED" + ("" if v["fail"] or r["allow_estimates"] else
+                                                             ": estimates are not measurements (--allow-estimates)"))

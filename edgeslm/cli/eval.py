@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import torch
-
-from ..evaluate import DEFAULT_CONTEXT, DEFAULT_TOKENS, decoder_logits_fn, eval_tokens, perplexity
-from ..data import load_eval_text
-from ..loading import load_model
-from .common import DTYPES, add_json_argument, add_model_argument, emit
+from ..errors import EdgeSLMError
+from ..evaluate import DEFAULT_CONTEXT, DEFAULT_TOKENS
+from .common import DTYPE_NAMES, add_json_argument, add_model_argument, emit, torch_dtype
 
 HELP = "perplexity of a model on the Brown corpus (default: test split) or a text/JSONL file"
 
@@ -17,15 +14,23 @@ def add_arguments(p):
     p.add_argument("--data", default="brown:test", help="brown:test|brown:valid|brown:train or a .txt/.jsonl path")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="tokens scored (default %(default)s)")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="window length (default %(default)s)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     add_json_argument(p)
 
 
 def run(args) -> int:
+    import torch
+
+    from ..data import load_eval_text
+    from ..evaluate import decoder_logits_fn, eval_tokens, perplexity, text_prefix
+    from ..loading import load_model
+
+    if args.tokens < 2 or args.context < 2:
+        raise EdgeSLMError(f"--tokens and --context must be at least 2 (got {args.tokens}, {args.context})")
     torch.manual_seed(0)
-    model, tok, folder = load_model(args.model, dtype=DTYPES[args.dtype], allow_pickle=args.allow_pickle)
+    model, tok, folder = load_model(args.model, dtype=torch_dtype(args.dtype), allow_pickle=args.allow_pickle)
     tokens = eval_tokens(tok, load_eval_text(args.data), args.tokens)
-    result = perplexity(decoder_logits_fn(model), tokens, args.context)
+    result = perplexity(decoder_logits_fn(model), tokens, args.context, prefix=text_prefix(tok))
     result.update(model=str(folder), data=args.data, dtype=args.dtype, backend="edgeslm reference decoder",
                   scheme=checkpoint_scheme(folder, args.dtype))
     emit(result, args.json, lambda r: print(

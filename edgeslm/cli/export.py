@@ -15,9 +15,11 @@ def add_arguments(p):
     p.add_argument("--scheme", default="f32", help="quantization scheme, e.g. f32, q4g32-rtn (default %(default)s)")
     p.add_argument("--out", required=True, help="artifact folder to create")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
-    p.add_argument("--context", type=int, default=512, help="static KV-cache length (default %(default)s)")
+    p.add_argument("--context", type=int, default=None,
+                   help="static KV-cache length (default 512, or twice the sliding window when that is larger)")
     p.add_argument("--prefill-chunk", type=int, default=64, help="tokens per prefill call (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="greedy steps of the final verify (default max(64, 3x window))")
+    p.add_argument("--steps", type=int, default=None, help="greedy steps of the final verify (default 64; with sliding windows the prompt "
+                        "itself is longer than the window)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity run at the end (the manifest then says so)")
     p.add_argument("--allow-pickle", action="store_true", help="allow *.bin pickle checkpoints (unsafe)")
     add_json_argument(p)
@@ -27,8 +29,9 @@ def run(args) -> int:
     from ..export import export_artifact
     from ..verify import render
 
-    manifest = export_artifact(args.model, args.target, args.scheme, Path(args.out), args.force, args.context,
-                               args.prefill_chunk, args.steps, not args.no_verify, progress=not args.json)
+    manifest = export_artifact(args.model, args.target, args.scheme, Path(args.out), force=args.force,
+                               context=args.context, prefill_chunk=args.prefill_chunk, steps=args.steps,
+                               verify=not args.no_verify, progress=not args.json, allow_pickle=args.allow_pickle)
     result = {"out": args.out, **{k: v for k, v in manifest.items() if k != "files"},
               "bytes": sum(f["bytes"] for f in manifest["files"].values())}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from ..loading import load_model
 from ..memory import PRECISIONS, kv_cache_bytes, weight_bytes
 from .common import add_json_argument, add_model_argument, emit, human_bytes, table
 
@@ -17,9 +16,11 @@ def add_arguments(p):
 
 
 def describe(model) -> dict:
+    from ..model import count_parameters
+
     s = model.spec
-    params = sum(p.numel() for p in model.parameters())
-    embedding = model.embed_tokens.weight.numel()
+    params = count_parameters(model)  # a quantized checkpoint counts its packed weights too
+    embedding = s.vocab_size * s.hidden_size
     kv_bytes_per_token = {}
     memory = []
     for ctx in CONTEXTS:
@@ -62,6 +63,8 @@ def render(r: dict):
 
 
 def run(args) -> int:
+    from ..loading import load_model
+
     model, _, _ = load_model(args.model, allow_pickle=args.allow_pickle, with_tokenizer=False)
     emit(describe(model), args.json, render)
     return 0

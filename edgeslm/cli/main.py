@@ -1,7 +1,8 @@
 """`edgeslm VERB ...`: one module per verb (MLC-LLM's interface/ layout), one table of verbs.
 
-A verb module defines HELP, `add_arguments(parser)` and `run(args) -> int`. User mistakes raise
-EdgeSLMError and become one line on stderr with exit code 2; failed checks exit 1.
+A verb module defines HELP, `add_arguments(parser)` and `run(args) -> int`. Exit codes: 0 success;
+1 a check failed (CheckFailed); 2 bad input (EdgeSLMError), one line on stderr; 3 an unexpected
+error (a bug): one line on stderr naming a file that holds the traceback; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -26,30 +27,18 @@ VERBS = {
 }
 
 
-def quiet_third_party_noise():
-    """Import-time chatter of optional backends (torchao's missing CUDA extensions, pytree notices)."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TORCHINDUCTOR_DISABLE_PROGRESS", "1")
-    for name in ("torchao", "coremltools", "executorch", "tvm"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     parser = argparse.ArgumentParser(
         prog="edgeslm",
         description="Fine-tune, quantize once, export and verify small language models for edge targets.",
-        epilog="Run 'edgeslm VERB --help' for a verb's options. Exit codes: 0 ok, 1 a check failed, 2 bad input.",
+        epilog="Run 'edgeslm VERB --help' for a verb's options. Exit codes: 0 ok, 1 a check failed, 2 bad input, "
+               "3 an unexpected error (traceback written to a file it names).",
     )
+    parser.add_argument("--version", action="version", version=f"edgeslm {version()}")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="no progress bars (errors still print)")
+    loudness.add_argument("-v", "--verbose", action="store_true",
+                          help="keep the third-party libraries' warnings and logs (silenced by default)")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     modules = {}
     for verb, module_name in VERBS.items():
@@ -68,7 +57,12 @@ def main(argv=None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    quiet_third_party_noise()
+    from edgeslm.console import quiet_third_party_noise
+
+    if args.quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar
+    if not args.verbose:
+        quiet_third_party_noise()
     try:
         return int(modules[args.verb].run(args) or 0)
     except EdgeSLMError as e:
@@ -77,6 +71,32 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"edgeslm {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's mistake: keep the traceback, show one line
+        path = write_traceback(args.verb)
+        print(f"edgeslm {args.verb}: internal error: {type(e).__name__}: {str(e)[:300]} "
+              f"(traceback in {path}; please report it)", file=sys.stderr)
+        return 3
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("edgeslm")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def write_traceback(verb: str) -> str:
+    """The current exception's traceback, in a file under the system's temporary folder."""
+    import tempfile
+    import traceback
+
+    fd, path = tempfile.mkstemp(prefix=f"edgeslm-{verb}-", suffix=".traceback.txt")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"edgeslm {version()} {' '.join(sys.argv)}\n")
+        traceback.print_exc(file=f)
+    return path
 
 
 if __name__ == "__main__":

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from ..quantize import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION, quantize_folder
-from ..schemes import DEFAULT_SCHEME, SCHEMES, get_scheme
+from ..schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION, DEFAULT_SCHEME, SCHEMES, get_scheme
 from .common import add_json_argument, add_model_argument, emit, human_bytes
 
 HELP = "quantize a model once (int8, int4 RTN/GPTQ/AWQ) into a packed safetensors checkpoint"
@@ -24,13 +23,15 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..quantize import quantize_folder
+
     scheme = get_scheme(args.scheme)  # an unknown name fails before any loading
     if args.samples < 1:
         from ..errors import EdgeSLMError
 
         raise EdgeSLMError("--samples must be at least 1")
     facts = quantize_folder(args.model, scheme, args.out, args.calibration, args.samples,
-                            progress=not args.no_progress, force=args.force)
+                            progress=not args.no_progress, force=args.force, allow_pickle=args.allow_pickle)
     emit(facts, args.json, lambda r: print(
         f"{r['scheme']} ({r['description']}): {r['out']}\n"
         f"weights {human_bytes(r['weights_bytes'])} = {r['bytes_per_param']:.3f} bytes/param "
