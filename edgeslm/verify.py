@@ -155,6 +155,35 @@ def free_running(tokens, ref_tokens, ref_logits, tie_margin: float = TIE_MARGIN)
     return {"free_running_identical_prefix": prefix, "free_running_checked_prefix": checked}
 
 
+def reference_greedy(reference, prompt, steps: int, context: int, reference_key: str | None = None):
+    """The reference's greedy tokens [steps] and logits [steps, V] for a prompt: computed once per
+    reference folder (by content) and prompt, and kept in <cache>/verify/, so that export, its
+    derived bounds and every later verify of the same reference decode it once."""
+    from safetensors.torch import load_file, save_file
+
+    from .artifact import content_key
+    from .loading import cache_dir
+    from .model import generate_greedy
+
+    path = None
+    if reference_key is not None:
+        folder = Path(reference_key)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.json"))
+        key = content_key(*files, prompt.tolist(), steps, context)
+        path = cache_dir() / "verify" / f"greedy-{key[:16]}.safetensors"
+        if path.is_file():
+            cached = load_file(path)
+            return cached["tokens"], cached["logits"]
+    tokens, logits = generate_greedy(reference, prompt, steps, max_len=context)
+    tokens, logits = tokens[0].contiguous(), logits[0].float().contiguous()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{id(path)}")
+        save_file({"tokens": tokens, "logits": logits}, tmp)
+        tmp.replace(path)
+    return tokens, logits
+
+
 def cached_reference_perplexity(reference_key: str | None, compute, data: str, count: int, context: int,
                                 prefix=()) -> float:
     """The reference's perplexity is the same for every target: computed once per reference folder
@@ -185,7 +214,6 @@ def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, step
                   ppl_count: int | None = None, progress: bool = True, reference_key: str | None = None) -> dict:
     """Compares a loaded Runner with the reference Decoder; returns the figures and bound checks."""
     from .evaluate import decoder_logits_fn, perplexity, text_prefix
-    from .model import generate_greedy
     from .ops import reference_only
 
     spec = reference.spec
@@ -194,8 +222,7 @@ def verify_runner(runner, reference, tokenizer, bounds: dict, context: int, step
     prompt = prompt_ids(tokenizer, spec.vocab_size, prompt_len)
     result = {"runtime": runner.runtime, "prompt_tokens": prompt.shape[1], "steps": steps, "sliding_window": window}
     with reference_only():
-        ref_tokens, ref_logits = generate_greedy(reference, prompt, steps, max_len=context)
-        ref_tokens, ref_logits = ref_tokens[0], ref_logits[0]
+        ref_tokens, ref_logits = reference_greedy(reference, prompt, steps, context, reference_key)
         t0 = time.perf_counter()
         art_logits = teacher_forced_logits(runner, prompt, ref_tokens)
         result["artifact_decode_s"] = time.perf_counter() - t0
@@ -250,7 +277,7 @@ class DecoderRunner(Runner):
 
 
 def derive_bounds(reference, simulate, tokenizer, context: int, basis: str, steps: int | None = None,
-                  margin: float = 2.0, ppl_rel: float = 0.01) -> dict:
+                  margin: float = 2.0, ppl_rel: float = 0.01, reference_key: str | None = None) -> dict:
     """Bounds for a runtime whose arithmetic differs from the reference's, from a simulation of it.
 
     simulate(model) is a context manager (simulate.simulated) under which `reference` computes as
@@ -260,14 +287,12 @@ def derive_bounds(reference, simulate, tokenizer, context: int, basis: str, step
     teacher-forced agreement, less a slack of one step in 16 (at least 2), and half its identical
     free-running prefix bound the artifact's tokens, as shares of the steps (verify may run another
     number of steps)."""
-    from .model import generate_greedy
     from .ops import reference_only
 
     prompt_len, steps = plan(reference.spec, context, steps)
     prompt = prompt_ids(tokenizer, reference.spec.vocab_size, prompt_len)
     with reference_only(), torch.no_grad():
-        ref_tokens, ref_logits = generate_greedy(reference, prompt, steps, max_len=context)
-        ref_tokens, ref_logits = ref_tokens[0], ref_logits[0]
+        ref_tokens, ref_logits = reference_greedy(reference, prompt, steps, context, reference_key)
         with simulate(reference) as simulation:
             runner = DecoderRunner(simulation, context)
             sim_logits = teacher_forced_logits(runner, prompt, ref_tokens)

@@ -422,7 +422,7 @@ class CoreMLTarget(Target):
             simulate = functools.partial(simulated, compute_dtype=torch.float16)
             basis, margin = "Core ML: fp16 compute, fp16 KV-cache state", 4.0
         return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, basis, margin=margin,
-                             ppl_rel=0.01 if scheme.name == "f32" else 0.02)
+                             ppl_rel=0.01 if scheme.name == "f32" else 0.02, reference_key=ctx.reference or None)
 
     def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
         import coremltools as ct

@@ -184,7 +184,8 @@ class GGUFTarget(Target):
         simulate = functools.partial(simulated, activations=rounding, cache_dtype=torch.float16)
         basis = (f"llama.cpp: {'fp16' if scheme.name == 'f16' else 'Q8_0'} activations into every matrix product, "
                  f"f16 KV cache")
-        return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, basis, ppl_rel=0.02)
+        return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, basis, ppl_rel=0.02,
+                             reference_key=ctx.reference or None)
 
     def _add_tensors(self, writer, model, scheme, arch) -> dict:
         import gguf
