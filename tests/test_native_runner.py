@@ -1,5 +1,7 @@
 """edgeslm-runner: CMake builds it against the executorch wheel; on a tiny .pte exported by the
-ExecuTorch target, its greedy tokens equal the Python ExecuTorch runtime's."""
+ExecuTorch target it drives forward(tokens, input_pos) as ExecuTorch's LLM runner does, and its
+greedy tokens equal the Python ExecuTorch runtime's (Gemma 2: traced attention; Llama: the
+runtime's llama::custom_sdpa, whose kernels the runner loads from the wheel)."""
 
 from __future__ import annotations
 
@@ -36,31 +38,61 @@ def et_artifact(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def et_llama(tmp_path_factory):
+    from tiny import tiny_pair
+    from tiny_export import char_tokenizer
+
+    from edgeslm.export import export_artifact
+
+    root = tmp_path_factory.mktemp("native-llama")
+    hf, _ = tiny_pair("llama", num_hidden_layers=2)
+    model = root / "tiny-llama"
+    hf.save_pretrained(str(model), safe_serialization=True)
+    char_tokenizer().save_pretrained(str(model))
+    out = root / "tiny-et"
+    export_artifact(model, "executorch", "f32", out, context=64, prefill_chunk=8, verify=False, progress=False)
+    return out
+
+
 def test_native_tokens_equal_the_python_runtime(runner_binary, et_artifact):
     from edgeslm.artifact import read_manifest
     from edgeslm.targets.registry import get_target
 
     manifest = read_manifest(et_artifact)
-    prompt = [5, 17, 42, 3, 88, 61, 9, 30, 71, 12, 50]  # 11 tokens: one chunk of 8 + 3 through decode
+    prompt = [5, 17, 42, 3, 88, 61, 9, 30, 71, 12, 50]  # 11 tokens, past the window of 8
     steps = 24
     python_runner = get_target("executorch").load(et_artifact, manifest)
     expected, _ = python_runner.generate_greedy(torch.tensor([prompt]), steps)
     result, rss_mb = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, runs=2, warmup=1)
     assert result["tokens"] == expected.tolist()
-    assert result["prefill_method"] == "prefill" and result["prefill_chunk"] == 8
+    assert result["method"] == "forward" and result["max_seq_len"] == 64 and result["max_context_len"] == 64
     assert len(result["runs"]) == 2 and all(len(r["decode_ms"]) == steps - 1 for r in result["runs"])
     assert all(r["ttft_ms"] > 0 and min(r["decode_ms"]) > 0 for r in result["runs"])
     assert rss_mb > 1 and result["peak_rss_kb"] > 0
-    # a prompt of whole chunks only, and a one-token prompt (decode only)
+    # a short prompt, and a one-token prompt (decode only)
     for p in (prompt[:8], prompt[:1]):
         want, _ = python_runner.generate_greedy(torch.tensor([p]), 12)
         got, _ = run_native(runner_binary, pte_file(et_artifact, manifest), p, 12)
         assert got["tokens"] == want.tolist()
 
 
+def test_native_runner_runs_the_runtime_llm_ops(runner_binary, et_llama):
+    from edgeslm.artifact import read_manifest
+    from edgeslm.targets.registry import get_target
+
+    manifest = read_manifest(et_llama)
+    assert list(manifest["attention"]) == ["llama::update_cache + llama::custom_sdpa"]
+    prompt = [5, 17, 42, 3, 88, 61, 9, 30, 71, 12, 50]
+    want, _ = get_target("executorch").load(et_llama, manifest).generate_greedy(torch.tensor([prompt]), 20)
+    got, _ = run_native(runner_binary, pte_file(et_llama, manifest), prompt, 20)
+    assert got["tokens"] == want.tolist()
+
+
 def test_native_runner_rejects_bad_input(runner_binary, et_artifact, tmp_path):
     pte = str(next(et_artifact.glob("*.pte")))
-    cases = [["--model", str(tmp_path / "none.pte"), "--tokens", "1"], ["--model", pte, "--tokens", "1,x"],
+    cases = [["--model", pte, "--tokens", ",".join(["1"] * 60), "--steps", "10"],  # past the context of 64
+             ["--model", str(tmp_path / "none.pte"), "--tokens", "1"], ["--model", pte, "--tokens", "1,x"],
              ["--model", pte, "--tokens", "100000"], ["--model", pte], ["--model", pte, "--tokens", "1", "--bogus", "1"]]
     for args in cases:
         p = subprocess.run([str(runner_binary), *args], capture_output=True, text=True)

@@ -1,25 +1,23 @@
 // edgeslm-runner: loads an edgeslm ExecuTorch artifact (.pte), runs prefill then greedy decode over
 // the given prompt token ids, and prints one JSON object with the tokens and the timings.
 //
-// The program's methods follow the edgeslm ExecuTorch target:
-//   prefill(tokens int [1, C], start_pos int) -> logits [1, C, V]   (C: a fixed chunk)
-//   decode (tokens int [1, 1], start_pos int) -> logits [1, 1, V]
-//   reset  (dummy [1])                        -> empties the cache (optional; called before each run)
-// with the KV cache as mutable buffers the two methods share (share_mutable_buffers), so the
-// Module is built with share_memory_arenas, as the Python runtime does for host-only methods.
-// A method with more than two inputs carries its state explicitly instead: inputs 2.. start as
-// zeros and take outputs 1.. of the previous call. Shapes and dtypes come from MethodMeta, so
-// start_pos may be a 0-dim or [1] tensor, int32 or int64. A prompt that is not a whole number of
-// chunks is prefilled chunk by chunk and its remainder fed through decode, one token at a time.
-// A program with only `forward` uses it for both.
+// It drives the program as ExecuTorch's LLM runner (extension/llm/runner, TextLLMRunner) does:
+//   forward(tokens int [1, T], input_pos int [1]) -> logits [1, T, V], T dynamic up to get_max_seq_len,
+// the KV cache in the program's mutable buffers; the prompt goes in chunks of at most
+// get_max_seq_len tokens, then one token per call. get_max_seq_len, get_max_context_len and
+// get_vocab_size are read from the program's constant methods. A prompt plus steps beyond
+// get_max_context_len is refused before anything runs (exit 2), never written past the cache.
 //
-// Written here because ExecuTorch's own llm runner (extension/llm/runner) is not in the wheel and
-// expects its own method names and metadata.
+// ExecuTorch's own runner library is not in the executorch wheel's CMake package, hence this
+// small driver of the same contract; it also times prefill and each decode step.
+// Programs that call llama::custom_sdpa / llama::update_cache need those kernels linked in
+// (CMakeLists.txt links the wheel's custom-ops library when it is there).
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/runtime.h>
 
+#include <dlfcn.h>
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -49,8 +47,6 @@ struct Options {
   int steps = 16;
   int runs = 1;
   int warmup = 0;
-  std::string prefill = "prefill";
-  std::string decode = "decode";
 };
 
 [[noreturn]] void fail(const std::string& message) {
@@ -60,7 +56,6 @@ struct Options {
 
 const char* usage =
     "usage: edgeslm-runner --model FILE.pte --tokens ID,ID,... [--steps N] [--runs N] [--warmup N]\n"
-    "                      [--prefill-method NAME] [--decode-method NAME]\n"
     "Runs prefill then greedy decode; prints JSON: tokens, ttft_ms and decode_ms_per_token per run,\n"
     "load_ms, peak_rss_kb. Exit 2 on bad input, 1 when the runtime fails.\n";
 
@@ -95,10 +90,6 @@ Options parse(int argc, char** argv) {
       o.runs = parse_int(value, "--runs");
     } else if (arg == "--warmup") {
       o.warmup = parse_int(value, "--warmup");
-    } else if (arg == "--prefill-method") {
-      o.prefill = value;
-    } else if (arg == "--decode-method") {
-      o.decode = value;
     } else {
       fail("unknown option " + arg + "\n" + usage);
     }
@@ -128,73 +119,90 @@ std::vector<executorch::aten::SizesType> sizes_of(const executorch::runtime::Ten
   return std::vector<executorch::aten::SizesType>(s.begin(), s.end());
 }
 
-// One method and the inputs it is fed: tokens, start_pos, and any explicit state.
-struct Step {
-  std::string name;
-  int chunk = 1;
-  TensorPtr tokens;
-  TensorPtr position;
-  std::vector<TensorPtr> state;  // explicit state inputs (empty with shared mutable buffers)
-  int vocab = 0;
+// A program that calls llama::update_cache / llama::custom_sdpa needs their kernels. The executorch
+// wheel ships them only inside its Python custom-ops library (which needs libpython's symbols), so
+// they are loaded on demand, when forward fails to load without them.
+bool load_llm_ops() {
+#if defined(EDGESLM_CUSTOM_OPS_LIB)
+  static bool tried = false, ok = false;
+  if (tried) return ok;
+  tried = true;
+#if defined(EDGESLM_PYTHON_LIB)
+  if (!dlopen(EDGESLM_PYTHON_LIB, RTLD_NOW | RTLD_GLOBAL)) return false;
+#endif
+  ok = dlopen(EDGESLM_CUSTOM_OPS_LIB, RTLD_NOW | RTLD_GLOBAL) != nullptr;
+  if (!ok) std::fprintf(stderr, "edgeslm-runner: cannot load the LLM custom ops: %s\n", dlerror());
+  return ok;
+#else
+  return false;
+#endif
+}
 
-  void bind(Module& module, const std::string& method) {
-    name = method;
-    check(module.load_method(method), "loading method '" + method + "'");
-    auto meta_result = module.method_meta(method);
-    if (!meta_result.ok()) check(meta_result.error(), "reading the signature of '" + method + "'");
+// The program's forward(tokens [1, T], input_pos [1]) and the constants ExecuTorch's LLM runner reads.
+struct Forward {
+  int max_seq_len = 1;
+  int64_t max_context_len = 0;
+  int64_t vocab = 0;
+  ScalarType token_type = ScalarType::Long;
+  ScalarType pos_type = ScalarType::Long;
+
+  static int64_t constant(Module& module, const std::string& name, bool required) {
+    auto names = module.method_names();
+    if (!names.ok() || names.get().count(name) == 0) {
+      if (required) {
+        std::fprintf(stderr, "edgeslm-runner: the program lacks the constant method '%s' ExecuTorch's LLM runner reads\n",
+                     name.c_str());
+        std::exit(1);
+      }
+      return -1;
+    }
+    auto result = module.execute(name);
+    if (!result.ok()) check(result.error(), "reading '" + name + "'");
+    const EValue& v = result.get()[0];
+    if (v.isInt()) return v.toInt();
+    if (v.isBool()) return v.toBool() ? 1 : 0;
+    fail("constant method '" + name + "' is not an integer");
+  }
+
+  void bind(Module& module) {
+    Error loaded = module.load_method("forward");
+    if (loaded != Error::Ok && load_llm_ops()) loaded = module.load_method("forward");
+    check(loaded, "loading method 'forward'");
+    auto meta_result = module.method_meta("forward");
+    if (!meta_result.ok()) check(meta_result.error(), "reading the signature of 'forward'");
     MethodMeta meta = meta_result.get();
-    if (meta.num_inputs() < 2) fail("method '" + method + "' takes " + std::to_string(meta.num_inputs()) +
-                                    " inputs; expected (tokens, start_pos[, state...])");
-    auto tok_info = meta.input_tensor_meta(0).get();
-    auto tok_sizes = sizes_of(tok_info);
-    if (tok_sizes.size() != 2 || tok_sizes[0] != 1) fail("method '" + method + "': tokens must be [1, C]");
-    chunk = tok_sizes[1];
-    tokens = executorch::extension::zeros(tok_sizes, tok_info.scalar_type());
-    auto pos_info = meta.input_tensor_meta(1).get();
-    position = executorch::extension::zeros(sizes_of(pos_info), pos_info.scalar_type());
-    for (size_t i = 2; i < meta.num_inputs(); ++i) {
-      auto info = meta.input_tensor_meta(i).get();
-      state.push_back(executorch::extension::zeros(sizes_of(info), info.scalar_type()));
-    }
-    auto out_info = meta.output_tensor_meta(0).get();
-    auto out_sizes = sizes_of(out_info);
-    if (out_info.scalar_type() != ScalarType::Float || out_sizes.empty())
-      fail("method '" + method + "': output 0 must be float logits [1, C, V]");
-    vocab = out_sizes.back();
+    if (meta.num_inputs() != 2) fail("method 'forward' takes " + std::to_string(meta.num_inputs()) +
+                                     " inputs; expected (tokens [1, T], input_pos [1])");
+    token_type = meta.input_tensor_meta(0).get().scalar_type();
+    pos_type = meta.input_tensor_meta(1).get().scalar_type();
+    max_seq_len = static_cast<int>(constant(module, "get_max_seq_len", true));
+    max_context_len = constant(module, "get_max_context_len", true);
+    vocab = constant(module, "get_vocab_size", true);
+    if (max_seq_len < 1 || max_context_len < 1 || vocab < 1) fail("the program's constant methods are not positive");
   }
 
-  static void set_int(Tensor& t, size_t index, int64_t value) {
-    if (t.scalar_type() == ScalarType::Long) {
-      t.mutable_data_ptr<int64_t>()[index] = value;
-    } else if (t.scalar_type() == ScalarType::Int) {
-      t.mutable_data_ptr<int32_t>()[index] = static_cast<int32_t>(value);
-    } else {
-      fail("method '" + std::string("tokens/start_pos") + "' must be int32 or int64");
-    }
+  TensorPtr ints(const std::vector<int64_t>& values, std::vector<executorch::aten::SizesType> sizes,
+                 ScalarType type) const {
+    if (type == ScalarType::Long) return executorch::extension::make_tensor_ptr(std::move(sizes), std::vector<int64_t>(values));
+    if (type == ScalarType::Int)
+      return executorch::extension::make_tensor_ptr(std::move(sizes), std::vector<int32_t>(values.begin(), values.end()));
+    fail("forward's inputs must be int32 or int64");
   }
 
-  void reset_state() {
-    for (auto& s : state) std::memset(s->mutable_data_ptr(), 0, s->nbytes());
-  }
-
-  // Runs tokens[first, first + chunk) at `pos`; returns the argmax of the logits at row `row`.
-  int64_t run(Module& module, const std::vector<int64_t>& ids, size_t first, int64_t pos, int row) {
-    for (int i = 0; i < chunk; ++i) set_int(*tokens, i, ids[first + i]);
-    set_int(*position, 0, pos);
-    std::vector<EValue> inputs{EValue(*tokens), EValue(*position)};
-    for (auto& s : state) inputs.emplace_back(*s);
-    auto result = module.execute(name, inputs);
-    if (!result.ok()) check(result.error(), "executing '" + name + "'");
-    const auto& outputs = result.get();
-    const Tensor logits = outputs[0].toTensor();
-    const float* row_ptr = logits.const_data_ptr<float>() + static_cast<size_t>(row) * vocab;
-    int64_t best = std::max_element(row_ptr, row_ptr + vocab) - row_ptr;
-    // explicit state: outputs 1.. become the next call's inputs 2..
-    for (size_t i = 0; i < state.size() && i + 1 < outputs.size(); ++i) {
-      const Tensor out = outputs[i + 1].toTensor();
-      std::memcpy(state[i]->mutable_data_ptr(), out.const_data_ptr(), state[i]->nbytes());
-    }
-    return best;
+  // Runs ids[first, first + n) at positions first..; returns the argmax of the last row's logits.
+  int64_t run(Module& module, const std::vector<int64_t>& ids, size_t first, size_t n) const {
+    if (static_cast<int64_t>(first + n) > max_context_len) fail("the tokens exceed get_max_context_len");
+    std::vector<int64_t> chunk(ids.begin() + first, ids.begin() + first + n);
+    auto tokens = ints(chunk, {1, static_cast<executorch::aten::SizesType>(n)}, token_type);
+    auto position = ints({static_cast<int64_t>(first)}, {1}, pos_type);
+    auto result = module.execute("forward", std::vector<EValue>{EValue(*tokens), EValue(*position)});
+    if (!result.ok()) check(result.error(), "executing 'forward'");
+    const Tensor logits = result.get()[0].toTensor();
+    if (logits.scalar_type() != ScalarType::Float || logits.dim() < 2) fail("forward must return float logits [1, T, V]");
+    const int64_t v = logits.size(logits.dim() - 1);
+    const int64_t rows = logits.numel() / v;
+    const float* row = logits.const_data_ptr<float>() + (rows - 1) * v;
+    return std::max_element(row, row + v) - row;
   }
 };
 
@@ -204,50 +212,25 @@ struct RunResult {
   std::vector<double> decode_ms;
 };
 
-// The program's `reset(dummy [1])` method, when it has one, empties the shared KV cache.
-struct Reset {
-  bool present = false;
-  TensorPtr dummy;
-
-  void bind(Module& module, bool has_reset) {
-    if (!has_reset) return;
-    check(module.load_method("reset"), "loading method 'reset'");
-    auto meta = module.method_meta("reset");
-    if (!meta.ok()) check(meta.error(), "reading the signature of 'reset'");
-    if (meta.get().num_inputs() != 1) return;  // not ours: leave the cache to position masking
-    auto info = meta.get().input_tensor_meta(0).get();
-    dummy = executorch::extension::zeros(sizes_of(info), info.scalar_type());
-    present = true;
-  }
-
-  void run(Module& module) {
-    if (!present) return;
-    auto result = module.execute("reset", std::vector<EValue>{EValue(*dummy)});
-    if (!result.ok()) check(result.error(), "executing 'reset'");
-  }
-};
-
-RunResult generate(Module& module, Step& prefill, Step& decode, Reset& reset, const Options& o) {
+// As ExecuTorch's LLM runner: the prompt in chunks of at most get_max_seq_len tokens, then one
+// token per call; a new sequence starts at input_pos 0, so the cache needs no reset.
+RunResult generate(Module& module, const Forward& forward, const Options& o) {
   RunResult r;
-  reset.run(module);
-  prefill.reset_state();
-  decode.reset_state();
   const size_t n = o.prompt.size();
   double t0 = now_ms();
   int64_t next = -1;
-  size_t done = 0;
-  while (n - done >= static_cast<size_t>(prefill.chunk)) {
-    next = prefill.run(module, o.prompt, done, static_cast<int64_t>(done), prefill.chunk - 1);
-    done += prefill.chunk;
+  for (size_t done = 0; done < n;) {
+    size_t take = std::min(n - done, static_cast<size_t>(forward.max_seq_len));
+    next = forward.run(module, o.prompt, done, take);
+    done += take;
   }
-  for (; done < n; ++done) next = decode.run(module, o.prompt, done, static_cast<int64_t>(done), 0);
   r.ttft_ms = now_ms() - t0;
   std::vector<int64_t> ids(o.prompt);
   r.tokens.push_back(next);
   for (int step = 1; step < o.steps; ++step) {
     ids.push_back(next);
     double t = now_ms();
-    next = decode.run(module, ids, ids.size() - 1, static_cast<int64_t>(ids.size() - 1), 0);
+    next = forward.run(module, ids, ids.size() - 1, 1);
     r.decode_ms.push_back(now_ms() - t);
     r.tokens.push_back(next);
   }
@@ -273,33 +256,19 @@ int main(int argc, char** argv) {
   }
   executorch::runtime::runtime_init();
   double t_load = now_ms();
-  // share_memory_arenas: the prefill and decode methods share the KV cache buffers (mem_id 2).
-  Module module(o.model, Module::LoadMode::Mmap, nullptr, nullptr, nullptr, /*share_memory_arenas=*/true);
+  Module module(o.model, Module::LoadMode::Mmap);
   check(module.load(), "loading " + o.model);
-  auto names_result = module.method_names();
-  if (!names_result.ok()) check(names_result.error(), "listing methods");
-  const auto& names = names_result.get();
-  auto has = [&](const std::string& n) { return names.count(n) > 0; };
-  if (!has(o.prefill) && has("forward")) o.prefill = "forward";
-  if (!has(o.decode) && has("forward")) o.decode = "forward";
-  if (!has(o.prefill) || !has(o.decode))
-    fail(o.model + " has no '" + o.prefill + "'/'" + o.decode + "' methods (nor 'forward')");
-  Step prefill, decode;
-  prefill.bind(module, o.prefill);
-  decode.bind(module, o.decode);
-  // explicit state: one set of tensors, read and written by both methods
-  if (!prefill.state.empty()) decode.state = prefill.state;
-  if (decode.chunk != 1) fail("method '" + o.decode + "' must take one token ([1, 1]), takes " +
-                              std::to_string(decode.chunk));
+  Forward forward;
+  forward.bind(module);
   for (int64_t id : o.prompt)
-    if (id >= prefill.vocab) fail("token id " + std::to_string(id) + " is outside the vocabulary");
-  
-  Reset reset;
-  reset.bind(module, has("reset"));
+    if (id >= forward.vocab) fail("token id " + std::to_string(id) + " is outside the vocabulary");
+  if (static_cast<int64_t>(o.prompt.size()) + o.steps - 1 > forward.max_context_len)
+    fail("prompt (" + std::to_string(o.prompt.size()) + ") + steps (" + std::to_string(o.steps) +
+         ") exceed the program's context (get_max_context_len " + std::to_string(forward.max_context_len) + ")");
   double load_ms = now_ms() - t_load;
-  for (int i = 0; i < o.warmup; ++i) generate(module, prefill, decode, reset, o);
+  for (int i = 0; i < o.warmup; ++i) generate(module, forward, o);
   std::vector<RunResult> runs;
-  for (int i = 0; i < o.runs; ++i) runs.push_back(generate(module, prefill, decode, reset, o));
+  for (int i = 0; i < o.runs; ++i) runs.push_back(generate(module, forward, o));
   for (const auto& r : runs)
     if (r.tokens != runs[0].tokens) {
       std::fprintf(stderr, "edgeslm-runner: runs disagree on the greedy tokens (state not reset?)\n");
@@ -310,8 +279,8 @@ int main(int argc, char** argv) {
   getrusage(RUSAGE_SELF, &usage_now);
   std::printf("{\n  \"runtime\": \"executorch native (edgeslm-runner)\",\n");
   std::printf("  \"model\": \"%s\",\n", o.model.c_str());
-  std::printf("  \"prefill_method\": \"%s\", \"prefill_chunk\": %d, \"decode_method\": \"%s\",\n", o.prefill.c_str(),
-              prefill.chunk, o.decode.c_str());
+  std::printf("  \"method\": \"forward\", \"max_seq_len\": %d, \"max_context_len\": %lld,\n", forward.max_seq_len,
+              static_cast<long long>(forward.max_context_len));
   std::printf("  \"prompt_tokens\": %zu, \"steps\": %d, \"warmup\": %d,\n", o.prompt.size(), o.steps, o.warmup);
   std::printf("  \"tokens\": [%s],\n", join(runs[0].tokens).c_str());
   std::printf("  \"load_ms\": %.3f,\n  \"runs\": [\n", load_ms);
