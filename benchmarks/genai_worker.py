@@ -66,7 +66,7 @@ def main():
                         "rss_before_load_mb": rss_base})
             elif req["op"] == "nll":
                 tokens = [int(t) for t in req["tokens"]]
-                gen = generator(len(tokens) + 1)
+                gen = generator(len(tokens))  # a window may fill the artifact's whole context
                 gen.append_tokens(np.array([tokens], dtype=np.int32))
                 logits = np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1, model_vocab(gen))
                 if logits.shape[0] != len(tokens):

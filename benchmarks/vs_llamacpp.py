@@ -17,8 +17,8 @@ Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 gree
 (decode tok/s = 128 / their seconds), alternating variants A/B/C/A/B/C... for --rounds rounds
 (the first variant of each round rotates), medians reported. Every runtime gets --threads threads.
 Perplexity: Brown test split, first 2,048 tokens, 4 windows of 512, the same token ids for all.
-llama.cpp comes from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh); onnxruntime-genai is
-the main venv's (pinned in requirements.txt), which also runs genai's builder when the peer venv is absent.
+llama.cpp comes from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh); onnxruntime-genai and its
+builder are the main venv's (pinned in requirements.txt; the builder needs only torch, transformers, onnx).
 """
 
 from __future__ import annotations
@@ -146,8 +146,7 @@ def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
     config = json.loads((hf_folder / "config.json").read_text())
     config["architectures"] = ["LlamaForCausalLM"]  # the GGUF-converted config lost it; the builder needs it
     (src / "config.json").write_text(json.dumps(config))
-    builder_py = PEER_PY if PEER_PY.is_file() else MAIN_PY  # both venvs hold onnxruntime-genai 0.18.0
-    cmd = [str(builder_py), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
+    cmd = [str(MAIN_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
            "-e", "cpu", "-c", str(out.parent / "genai-cache")]
     log("building the onnxruntime-genai int4 model (its builder)")
     r = subprocess.run(cmd, capture_output=True, text=True)
