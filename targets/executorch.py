@@ -30,7 +30,7 @@ a bin, at most MAX_BINS bins) and splits the linear along K into one 8da4w linea
 the same int4 weights, an int8 range per token and bin.
 
 Parity: 8-bit activations make the artifact inexact, so export derives its bounds before lowering
-from an eager simulation of the same arithmetic (derived_bounds) and records them, with their
+from an eager simulation of the same arithmetic (verify.derive_bounds over simulation_of) and records them, with their
 basis, in the manifest, where verify reads them. f32 stays near-exact.
 Facts: torch.export(strict=True) under no_grad, T as a Dim; the LLM ops need
 `import executorch.extension.llm.custom_ops.custom_ops` at export and in the runtime.
@@ -38,6 +38,7 @@ Facts: torch.export(strict=True) under no_grad, T as a Dim; the LLM ops need
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -281,57 +282,19 @@ def fuse_projections(model) -> int:
 
 # ---------------------------------------------------------------- parity bounds of 8-bit activations
 
-LOGIT_MARGIN = 1.5  # XNNPACK differs from the simulation by 21% on tiny Gemma 2 (its qd8 rounding, summation order)
-LOGIT_SLACK = 0.02
 
+def simulation_of(prepared):
+    """verify.derive_bounds' simulate(): the model already prepared for lowering (fused projections,
+    8da4w linears with the artifact's range bins), run eagerly. torchao computes each 8da4w linear
+    as XNNPACK's qd8 does (each row of the input rounded to int8 with one asymmetric range per token
+    and bin, times the same int4 codes), so this is the artifact's arithmetic in PyTorch."""
+    import contextlib
 
-@torch.no_grad()
-def reference_run(model, tokenizer, context: int, steps: int | None = None):
-    """The verify prompt, the reference's greedy tokens and its logits [steps, V] (what verify compares)."""
-    from ..model import generate_greedy
-    from ..ops import reference_only
-    from ..verify import plan, prompt_ids
+    @contextlib.contextmanager
+    def simulate(_reference):
+        yield prepared
 
-    prompt_len, steps = plan(model.spec, context, steps)
-    prompt = prompt_ids(tokenizer, model.spec.vocab_size, prompt_len)
-    with reference_only():
-        tokens, logits = generate_greedy(model, prompt, steps, max_len=context)
-    return prompt, tokens[0], logits[0]
-
-
-@torch.no_grad()
-def derived_bounds(simulation, prompt, ref_tokens, ref_logits) -> dict:
-    """Parity bounds for an 8da4w artifact, derived before lowering from what it computes.
-
-    `simulation` is the model with the artifact's 8da4w linears run eagerly by torchao: each
-    linear's input rounded to int8 per token (and range bin) as XNNPACK's qd8 does, times the same
-    int4 codes. Teacher-forced on the reference's greedy tokens, it gives the measured logit error
-    E; the artifact's bound is B = 1.5 E + 0.02. A step whose reference top-2 margin exceeds 2B
-    cannot change its argmax under an error within B, so the teacher-forced agreement bound is the
-    number of such steps and the free-running bound the length of the leading run of them.
-    """
-    from ..ops import reference_only
-
-    seq = torch.cat((prompt[0], ref_tokens[:-1])).view(1, -1)
-    with reference_only():
-        logits, _ = simulation(seq, 0, None)
-    sim = logits[0, prompt.shape[1] - 1 :].float()
-    error = float((sim - ref_logits).abs().max())
-    bound = LOGIT_MARGIN * error + LOGIT_SLACK
-    top2 = ref_logits.topk(2, dim=-1).values
-    safe = (top2[:, 0] - top2[:, 1]) > 2 * bound
-    leading = int(safe.long().cumprod(0).sum())
-    sim_agree = int((sim.argmax(-1) == ref_tokens).sum())
-    return {"max_abs_logit": round(bound, 4), "tokens_identical": False, "min_greedy_agree": int(safe.sum()),
-            "free_running_identical": False, "free_running_min_prefix": leading, "ppl_rel": 0.01,
-            "basis": (f"8-bit dynamic activations: torchao's eager 8da4w simulation of this artifact's linears "
-                      f"(XNNPACK qd8 rounding, same int4 codes and range bins), teacher-forced on the verify "
-                      f"prompt, differs from the int4 reference by {error:.4g} in logits (greedy agreement "
-                      f"{sim_agree}/{ref_tokens.numel()}); bound {LOGIT_MARGIN:g} x that + {LOGIT_SLACK:g}. Token "
-                      f"bounds: the steps whose reference top-2 margin exceeds twice the logit bound "
-                      f"({int(safe.sum())}, the first {leading} of them consecutive). Perplexity within 1% of the "
-                      f"int4 reference."),
-            "simulated_max_abs_logit": round(error, 6), "simulated_greedy_agree": sim_agree}
+    return simulate
 
 
 # ---------------------------------------------------------------- the program
@@ -419,16 +382,22 @@ class ExecuTorchTarget(Target):
         model = model.eval()  # no .float(): it would widen the fp16 embedding scales
         context = ctx.context_length
         max_seq_len = min(context, max(ctx.prefill_chunk, 128))
-        reference = reference_run(model, ctx.tokenizer, context) if scheme.quantized else None
+        reference = copy.deepcopy(model) if scheme.quantized else None  # the simulation below replaces modules
         fused = fuse_projections(model)
         calibration = calibration_for(model, ctx.tokenizer, context) if scheme.quantized else None
         if calibration is not None:
             _say(f"calibrating input ranges over {calibration.numel()} tokens")
         model = et_ready(model, calibration, progress=_say)
-        bounds = derived_bounds(model, *reference) if reference is not None else None
-        if bounds is not None:
-            _say(f"parity bounds from the 8da4w simulation: max |logit diff| {bounds['max_abs_logit']}, "
-                 f"free-running prefix >= {bounds['free_running_min_prefix']}")
+        bounds = None
+        if reference is not None:
+            from ..verify import derive_bounds
+
+            bounds = derive_bounds(reference, simulation_of(model), ctx.tokenizer, context,
+                                   "XNNPACK 8da4w: each linear's input rounded to int8 per token and range bin "
+                                   "(qd8), times the reference's int4 codes; simulated by torchao's eager 8da4w",
+                                   reference_key=ctx.reference or None)
+            del reference
+            _say(f"parity bounds from the 8da4w simulation: max |logit diff| {bounds['max_abs_logit']:.3g}")
         bins_per_linear = [m.num_bins for m in model.modules() if isinstance(m, EtInt4Linear)]
         kinds = swap_in_program_attention(model, context)
         llm_ops = any("custom_sdpa" in k for k in kinds)

@@ -193,7 +193,7 @@ def test_int4_parity_with_derived_bounds(artifacts):
     folder, manifest = artifacts("gemma2", "q4g32-rtn")
     bounds, parity = manifest["parity_bounds"], manifest["parity"]
     assert parity["passed"], parity["failures"]
-    assert parity["bounds"] == bounds and "simulation" in bounds["basis"]
+    assert parity["bounds"] == bounds and "simulated" in bounds["basis"]
     assert 0 < bounds["max_abs_logit"] and parity["max_abs_logit_diff"] <= bounds["max_abs_logit"]
     assert abs(parity["ppl_rel_diff"]) < 0.01
     assert manifest["fused_projections"] == 8 and manifest["activation_ranges"]["linears"] == 4 * 4 + 1
