@@ -84,7 +84,9 @@ def _fmt(v, digits=3):
 VERDICT_CLASS = {"pass": "pass", "fail": "fail", "unverified": "est", "reported": "skip"}
 
 
-XX
+def _status(verdict: str):
+    """One of latency.VERDICTS as a coloured word."""
+    return markupsafe.Markup('<span class="{}">{}</span>').format(VERDICT_CLASS[verdict], verdict.upper())
 
 
 PAGE = jinja2.Environment(autoescape=True).from_string("""<!doctype html>
