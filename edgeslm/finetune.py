@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -41,29 +41,9 @@ from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
 
+from .finetune_config import DEFAULT_TARGETS, FinetuneConfig  # noqa: F401 (the CLI and recipes use them)
+
 IGNORE = -100
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class FinetuneConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: tuple = DEFAULT_TARGETS
-    lr: float = 5e-4
-    steps: int | None = None  # optimizer steps; None: `epochs` passes over the data
-    epochs: float = 1.0
-    batch_size: int = 4
-    grad_accum: int = 1
-    seq_len: int = 256
-    seed: int = 0
-    qlora: str | None = None  # scheme to quantize a float base with before training
-    teacher: str | None = None
-    temperature: float = 2.0
-    kd_alpha: float = 0.5
-    save_every: int = 50
-    extra: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- data
@@ -224,36 +204,11 @@ def merge_adapters(model):
 
 
 def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our parameter names -> transformers' (the inverse of loading.hf_to_decoder_names)."""
-    spec = model.spec
-    gemma = spec.sandwich_norms
-    norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
-             "mlp_norm": "pre_feedforward_layernorm" if gemma else "post_attention_layernorm",
-             "mlp_post_norm": "post_feedforward_layernorm"}
-    fused = spec.family == "phi3"
-    out = {}
+    """Our parameter names -> transformers' (names.py, the table loading reads them with)."""
+    from .names import ours_to_hf
+
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    for name, t in state.items():
-        if name.startswith("inv_freq"):
-            continue
-        if name.startswith("lm_head."):
-            out[name] = t
-            continue
-        parts = name.split(".")
-        if parts[0] == "layers" and parts[2] in norms:
-            parts[2] = norms[parts[2]]
-        out["model." + ".".join(parts)] = t
-    if fused:
-        for i in range(spec.num_layers):
-            p = f"model.layers.{i}"
-            for suffix in ("weight", "bias"):
-                qkv = [out.pop(f"{p}.self_attn.{x}_proj.{suffix}", None) for x in "qkv"]
-                if qkv[0] is not None:
-                    out[f"{p}.self_attn.qkv_proj.{suffix}"] = torch.cat(qkv)
-                gu = [out.pop(f"{p}.mlp.{x}_proj.{suffix}", None) for x in ("gate", "up")]
-                if gu[0] is not None:
-                    out[f"{p}.mlp.gate_up_proj.{suffix}"] = torch.cat(gu)
-    return out
+    return ours_to_hf(state, model.spec, fuse=model.spec.family == "phi3")
 
 
 def save_hf_folder(model, tokenizer, out: Path):
@@ -519,11 +474,11 @@ def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, 
                 break
     progress = progress and procs.main
     torch.manual_seed(cfg.seed)
-    model, tok, folder = load_model(model_name, dtype=dtypes[dtype])
+    model, tok, folder = load_model(model_name, dtype=dtypes[dtype], allow_pickle=cfg.allow_pickle)
     examples = load_examples(data, tok, cfg.seq_len)
     teacher = None
     if cfg.teacher:
-        teacher, ttok, _ = load_model(cfg.teacher, dtype=dtypes[dtype])
+        teacher, ttok, _ = load_model(cfg.teacher, dtype=dtypes[dtype], allow_pickle=cfg.allow_pickle)
         if teacher.spec.vocab_size != model.spec.vocab_size or ttok.get_vocab() != tok.get_vocab():
             raise EdgeSLMError(f"the teacher's vocabulary ({teacher.spec.vocab_size} tokens) differs from the "
                                f"student's ({model.spec.vocab_size}); distillation needs the same tokenizer")
@@ -614,9 +569,10 @@ def _merge_base(model, adapters, model_name, cfg, scheme, dtype, fsdp):
     from .loading import load_model
     from .quantize import quantize_model
 
-    base, _, _ = load_model(model_name, dtype=dtype, with_tokenizer=False)
+    base, _, _ = load_model(model_name, dtype=dtype, with_tokenizer=False, allow_pickle=cfg.allow_pickle)
     if scheme is not None:
-        quantize_model(base, scheme, None if not scheme.needs_calibration else _calibration(load_model(model_name)[1]),
+        tok = load_model(model_name, allow_pickle=cfg.allow_pickle)[1] if scheme.needs_calibration else None
+        quantize_model(base, scheme, None if tok is None else _calibration(tok),
                        progress=False)
     base = add_lora(base, cfg)
     params = dict(base.named_parameters())

@@ -10,7 +10,7 @@ A recipe is a small TOML file (every key optional):
     allow_estimates = false           # true: an estimate within budget (UNVERIFIED) does not fail deploy
     budget = "budgets.toml"           # overrides the device profiles' default budgets
     context = 512                     # static KV-cache length of the artifacts
-    [finetune]                        # optional; keys of edgeslm.finetune.FinetuneConfig plus `data`
+    [finetune]                        # optional; keys of edgeslm.finetune_config.FinetuneConfig plus `data`
     data = "train.jsonl"
     steps = 100
 
@@ -92,7 +92,7 @@ def check_recipe(recipe: Recipe, where: str = "recipe"):
          "an integer >= 16")
     want(isinstance(recipe.allow_estimates, bool), "allow_estimates", "true or false")
     if recipe.finetune is not None:
-        from .finetune import FinetuneConfig
+        from .finetune_config import FinetuneConfig
 
         want(isinstance(recipe.finetune, dict), "finetune", "a table")
         if not isinstance(recipe.finetune.get("data"), str):
@@ -113,6 +113,8 @@ def check_recipe(recipe: Recipe, where: str = "recipe"):
                 what = "a positive integer"
             elif key in optional_strs:
                 ok, what = isinstance(value, str), "a string"
+            elif type(default) is bool:
+                ok, what = isinstance(value, bool), "true or false"
             elif type(default) is float:
                 ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
                 what = "a non-negative number"
@@ -170,7 +172,8 @@ def log_to_stderr(message: str):
 def _finetuned(recipe: Recipe, model_name: str, out: Path, log) -> str:
     """The merged fine-tune, reused only when the model, the data's bytes and every setting match."""
     from .artifact import content_key
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import finetune
+    from .finetune_config import FinetuneConfig
     from .loading import resolve_model_path
 
     opts = dict(recipe.finetune)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..finetune import DEFAULT_TARGETS, FinetuneConfig, finetune
+from ..finetune_config import DEFAULT_TARGETS, FinetuneConfig
 from .common import add_json_argument, add_model_argument, emit
 
 HELP = "LoRA / QLoRA fine-tuning and logit distillation; --merge writes a plain float model folder"
@@ -58,7 +58,10 @@ def run(args) -> int:
                          targets=tuple(t for t in args.targets.split(",") if t), lr=args.lr, steps=args.steps,
                          epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                          seq_len=args.seq_len, seed=args.seed, qlora=args.qlora, teacher=args.teacher,
-                         temperature=args.temperature, kd_alpha=args.kd_alpha, save_every=args.save_every)
+                         temperature=args.temperature, kd_alpha=args.kd_alpha, save_every=args.save_every,
+                         allow_pickle=args.allow_pickle)
+    from ..finetune import finetune
+
     facts = finetune(args.model, args.data, args.out, cfg, merge=args.merge, resume=args.resume,
                      force=args.force, progress=not args.no_progress, fsdp=args.fsdp, dtype=args.dtype)
     if facts["rank"] != 0:  # under a launcher only the first process reports
