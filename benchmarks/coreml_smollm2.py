@@ -29,10 +29,10 @@ def main():
     args = ap.parse_args()
 
     from edgeslm.artifact import read_manifest
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
     from edgeslm.console import quiet_third_party_noise
     from edgeslm.targets.registry import get_target
-    from edgeslm.verify import render, verify_folder
+    from edgeslm.parity import render, verify_folder
 
     quiet_third_party_noise()
     out = Path(args.out)

@@ -43,7 +43,7 @@ def main(argv=None):
     from edgeslm import data, evaluate
     from edgeslm.loading import load_model
     from edgeslm.qformat import Int4Embedding, Int4Linear
-    from edgeslm.quantize import reference_folder
+    from edgeslm.quantizer import reference_folder
     from edgeslm.schemes import DEFAULT_SCHEME, get_scheme
     from edgeslm.targets.executorch import calibration_for, input_group_ranges, range_bins
 

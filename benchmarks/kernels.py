@@ -217,7 +217,7 @@ def parity_check(r: Runner):
 
     from edgeslm import ops
     from edgeslm.loading import build_decoder
-    from edgeslm.quantize import quantize_model
+    from edgeslm.quantizer import quantize_model
     from edgeslm.schemes import get_scheme
 
     small = r.device != "cuda"

@@ -67,7 +67,7 @@ if sys.argv[1] in ("load", "touch"):
         sum(float(p.sum()) for p in model.parameters())
     print(sum(p.numel() for p in model.parameters()))
 elif sys.argv[1] == "gptq":
-    from edgeslm.quantize import quantize_model
+    from edgeslm.quantizer import quantize_model
     from edgeslm.schemes import get_scheme
     model, _, _ = load_model(sys.argv[2], with_tokenizer=False)  # fp32: what GPTQ computes in
     calibration = torch.randint(0, model.spec.vocab_size, (1, int(sys.argv[3])), generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--model smollm2-135m] [--schemes f32,q8c,...] [--out benchmarks/quality]
 
-Each scheme is quantized by edgeslm.quantize (calibration: Brown train, the default) into a
+Each scheme is quantized by edgeslm.quantizer (calibration: Brown train, the default) into a
 temporary checkpoint folder, loaded back through load_model (what `edgeslm eval` does) and scored
 on the same tokens as `edgeslm eval` (Brown test, 2,048 tokens, context 512). Writes
 <out>.json (all figures) and <out>.png (size against perplexity). Takes about 30 CPU minutes (GPTQ/AWQ calibration dominates).
@@ -51,7 +51,7 @@ def main(argv=None):
     from edgeslm.data import load_eval_text
     from edgeslm.evaluate import decoder_logits_fn, eval_tokens, perplexity
     from edgeslm.loading import load_model
-    from edgeslm.quantize import quantize_folder
+    from edgeslm.quantizer import quantize_folder
     from edgeslm.schemes import get_scheme
 
     torch.manual_seed(0)
@@ -104,7 +104,7 @@ def main(argv=None):
 
 
 def save(rows, out, folder, args, tokens):
-    from edgeslm.quantize import CALIBRATION_LENGTH, CALIBRATION_SAMPLES
+    from edgeslm.quantizer import CALIBRATION_LENGTH, CALIBRATION_SAMPLES
 
     base = next((r["perplexity"] for r in rows if r["scheme"] == "f32"), None)
     for r in rows:

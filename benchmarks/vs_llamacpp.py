@@ -114,7 +114,7 @@ class NativeWorker:
 def edgeslm_export(target: str, out: Path, scheme: str) -> Path:
     """The cached artifact when its manifest names today's reference (a changed quantization recipe
     gives a new reference folder), else a fresh `edgeslm export`."""
-    from edgeslm.quantize import reference_folder
+    from edgeslm.quantizer import reference_folder
     from edgeslm.schemes import get_scheme
 
     if (out / "manifest.json").is_file():
@@ -259,7 +259,7 @@ def reference_perplexities(ids, context, scheme: str):
 
     from edgeslm.evaluate import decoder_logits_fn, perplexity
     from edgeslm.loading import load_model
-    from edgeslm.quantize import reference_folder
+    from edgeslm.quantizer import reference_folder
     from edgeslm.schemes import get_scheme
 
     out = {}

@@ -26,7 +26,7 @@ def load(model=None, *, dtype: str = "fp32", allow_pickle: bool = False):
 
 def quantize(model, *, scheme: str, out, calibration: str | None = None, samples: int | None = None,
              force: bool = False, allow_pickle: bool = False, progress: bool = True) -> Checkpoint:
-    from .quantize import quantize_folder
+    from .quantizer import quantize_folder
     from .schemes import CALIBRATION_SAMPLES, DEFAULT_CALIBRATION, get_scheme
 
     facts = quantize_folder(model, get_scheme(scheme), out, calibration or DEFAULT_CALIBRATION,
@@ -38,7 +38,7 @@ def export(model, *, target: str, out, scheme: str = "f32", force: bool = False,
            prefill_chunk: int = 64, steps: int | None = None, verify: bool = True, allow_pickle: bool = False,
            progress: bool = True) -> Artifact:
     """Exports and (by default) verifies; a failed bound raises CheckFailed, with the folder written."""
-    from .export import export_artifact
+    from .exporter import export_artifact
 
     manifest = export_artifact(model, target, scheme, Path(out), force=force, context=context,
                                prefill_chunk=prefill_chunk, steps=steps, verify=verify, progress=progress,
@@ -53,7 +53,7 @@ def _folder(artifact) -> Path:
 def verify(artifact, *, steps: int | None = None, ppl_tokens: int | None = None, reference=None,
            allow_pickle: bool = False, progress: bool = True) -> VerifyReport:
     """Re-hashes and re-runs an artifact against its reference; never raises for a failed bound."""
-    from .verify import verify_folder
+    from .parity import verify_folder
 
     figures = verify_folder(_folder(artifact), steps=steps, ppl_count=ppl_tokens, progress=progress,
                             raise_on_failure=False, reference=reference, allow_pickle=allow_pickle)

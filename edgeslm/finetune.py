@@ -443,7 +443,7 @@ def finetune(model_name, data, out, cfg: FinetuneConfig, merge: bool = False, re
 def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, dtype, procs: Processes) -> dict:
     from .artifact import atomic_folder
     from .loading import load_model
-    from .quantize import quantize_model
+    from .quantizer import quantize_model
     from .schemes import get_scheme
 
     out = Path(out)
@@ -567,7 +567,7 @@ def _merge_base(model, adapters, model_name, cfg, scheme, dtype, fsdp):
     if not fsdp:
         return unwrap(model).cpu()
     from .loading import load_model
-    from .quantize import quantize_model
+    from .quantizer import quantize_model
 
     base, _, _ = load_model(model_name, dtype=dtype, with_tokenizer=False, allow_pickle=cfg.allow_pickle)
     if scheme is not None:
@@ -616,6 +616,6 @@ def _batch(examples, cfg: FinetuneConfig, index: int, size: int | None = None):
 
 
 def _calibration(tok):
-    from .quantize import calibration_tokens
+    from .quantizer import calibration_tokens
 
     return calibration_tokens(tok)

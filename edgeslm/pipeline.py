@@ -193,7 +193,7 @@ def _finetuned(recipe: Recipe, model_name: str, out: Path, log) -> str:
 def _build_target(name: str, model_name: str, reference: str, scheme, recipe: Recipe, out: Path, progress, log):
     """Exports and verifies one target (or reuses it); returns its report row. verdict: pass / fail."""
     from .artifact import read_manifest
-    from .export import export_artifact
+    from .exporter import export_artifact
 
     folder = out / name
     t0 = time.perf_counter()
@@ -229,7 +229,7 @@ def _check_context(recipe: Recipe, profiles, overrides):
     from .config import spec_from_hf_config
     from .devices import budgets_for
     from .loading import read_hf_config, resolve_model_path
-    from .verify import default_context
+    from .parity import default_context
 
     context = default_context(spec_from_hf_config(read_hf_config(resolve_model_path(recipe.model))), recipe.context)
     for profile in profiles:
@@ -271,7 +271,7 @@ def run_deploy(recipe: Recipe, out: Path, progress: bool = True, log=log_to_stde
     from .latency import verdicts_pass
     from .loading import load_model
     from .model import count_parameters
-    from .quantize import reference_folder
+    from .quantizer import reference_folder
     from .report import render_html
     from .schemes import get_scheme
     from .targets.registry import get_target

@@ -21,7 +21,7 @@ class _Json:
 
 @dataclass
 class Checkpoint(_Json):
-    """A quantized checkpoint folder written by edgeslm.quantize."""
+    """A quantized checkpoint folder written by edgeslm.quantizer."""
 
     folder: Path
     scheme: str
@@ -30,7 +30,7 @@ class Checkpoint(_Json):
 
 @dataclass
 class Artifact(_Json):
-    """An artifact folder written by edgeslm.export, with its manifest."""
+    """An artifact folder written by edgeslm.exporter, with its manifest."""
 
     folder: Path
     target: str

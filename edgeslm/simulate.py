@@ -3,7 +3,7 @@
 A runtime that rounds activations to 8 bits (llama.cpp's Q8_0 blocks, XNNPACK's per-row int8) or
 keeps its KV cache in fp16 does not compute the reference's function exactly. Rather than a bound
 picked by hand, a target simulates that arithmetic here on the reference itself, and
-verify.derive_bounds measures how far the simulation lands from the reference on verify's own
+parity.derive_bounds measures how far the simulation lands from the reference on verify's own
 prompt: the artifact must then land about as close, which a swapped row or a wrong scale does not.
 """
 

@@ -1,6 +1,6 @@
 """int4 dequant-matmul over edgeslm's one packed int4 layout.
 
-The packed layout (produced by edgeslm.quantize, read by every target):
+The packed layout (produced by edgeslm.quantizer, read by every target):
   W is [N, K] (out_features, in_features), quantized in groups of G consecutive k (G in 32/64/128).
   qweight: uint8 [N, K // 2]; byte j of row n holds k = 2j in its low nibble and k = 2j + 1 in its
            high nibble, unsigned codes 0..15. Row-major, so a row's codes are contiguous along K:

@@ -135,7 +135,7 @@ class Target:
         token agrees, teacher-forced; min_greedy_agree (a count) or min_greedy_agree_rate (a share
         of the steps): at least that many agree; free_running_identical: the artifact's own greedy
         output equals the reference's for every step; free_running_min_prefix(_rate): for at least
-        that many; tie_margin: a step is a tie below it (default verify.TIE_MARGIN); ppl_rel:
+        that many; tie_margin: a step is a tie below it (default parity.TIE_MARGIN); ppl_rel:
         |ppl(artifact) / ppl(reference) - 1| on the Brown test split; basis: why these numbers.
         The default is exact: the target multiplies the reference's own codes in float. A target
         whose arithmetic differs (8-bit activations, an fp16 cache) overrides this, or records bounds

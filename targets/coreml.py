@@ -407,13 +407,13 @@ class CoreMLTarget(Target):
 
     def derived_bounds(self, model, scheme, ctx: ExportContext) -> dict:
         """Core ML keeps its KV cache as fp16 state, and computes in fp16 except for f32 packages:
-        bounds from that arithmetic simulated on the reference (verify.derive_bounds): the
+        bounds from that arithmetic simulated on the reference (parity.derive_bounds): the
         reference run in fp16 on the CPU. Core ML's fp16 kernels accumulate in their own order and
         keep some ops in fp32, hence the wider margin there."""
         import functools
 
         from edgeslm.simulate import simulated
-        from edgeslm.verify import derive_bounds
+        from edgeslm.parity import derive_bounds
 
         if scheme.name == "f32":
             simulate = functools.partial(simulated, cache_dtype=torch.float16)

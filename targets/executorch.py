@@ -30,7 +30,7 @@ a bin, at most MAX_BINS bins) and splits the linear along K into one 8da4w linea
 the same int4 weights, an int8 range per token and bin.
 
 Parity: 8-bit activations make the artifact inexact, so export derives its bounds before lowering
-from an eager simulation of the same arithmetic (verify.derive_bounds over simulation_of) and records them, with their
+from an eager simulation of the same arithmetic (parity.derive_bounds over simulation_of) and records them, with their
 basis, in the manifest, where verify reads them. f32 stays near-exact.
 Facts: torch.export(strict=True) under no_grad, T as a Dim; the LLM ops need
 `import executorch.extension.llm.custom_ops.custom_ops` at export and in the runtime.
@@ -187,7 +187,7 @@ def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
 
 def calibration_for(model, tokenizer, context: int) -> torch.Tensor:
     """Two windows of Brown train text (random ids for a model without a tokenizer)."""
-    from ..quantize import calibration_tokens
+    from ..quantizer import calibration_tokens
 
     length = min(512, context)
     if tokenizer is not None:
@@ -284,7 +284,7 @@ def fuse_projections(model) -> int:
 
 
 def simulation_of(prepared):
-    """verify.derive_bounds' simulate(): the model already prepared for lowering (fused projections,
+    """parity.derive_bounds' simulate(): the model already prepared for lowering (fused projections,
     8da4w linears with the artifact's range bins), run eagerly. torchao computes each 8da4w linear
     as XNNPACK's qd8 does (each row of the input rounded to int8 with one asymmetric range per token
     and bin, times the same int4 codes), so this is the artifact's arithmetic in PyTorch."""
@@ -390,7 +390,7 @@ class ExecuTorchTarget(Target):
         model = et_ready(model, calibration, progress=_say)
         bounds = None
         if reference is not None:
-            from ..verify import derive_bounds
+            from ..parity import derive_bounds
 
             bounds = derive_bounds(reference, simulation_of(model), ctx.tokenizer, context,
                                    "XNNPACK 8da4w: each linear's input rounded to int8 per token and range bin "

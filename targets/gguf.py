@@ -174,11 +174,11 @@ class GGUFTarget(Target):
     def derived_bounds(self, model, scheme, ctx: ExportContext) -> dict:
         """llama.cpp multiplies Q4_0 / Q8_0 weights by activations rounded to Q8_0 (8 bits per block
         of 32, fp16 scale), F16 weights by fp16 activations, and keeps an f16 KV cache: bounds from
-        that arithmetic simulated on the reference (verify.derive_bounds)."""
+        that arithmetic simulated on the reference (parity.derive_bounds)."""
         import functools
 
         from edgeslm.simulate import fp16_round_trip, q8_0, simulated
-        from edgeslm.verify import derive_bounds
+        from edgeslm.parity import derive_bounds
 
         rounding = fp16_round_trip if scheme.name == "f16" else q8_0
         simulate = functools.partial(simulated, activations=rounding, cache_dtype=torch.float16)

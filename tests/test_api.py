@@ -23,7 +23,7 @@ def tiny(tmp_path_factory):
 
 def test_export_verify_check(tiny):
     tmp, folder = tiny
-    art = edgeslm.export(folder, target="onnx", scheme="q4g32-rtn", out=tmp / "art", context=128, progress=False)
+    art = edgeslm.export(folder, target="onnx", scheme="q4g32-rtn", out=tmp / "art", context=256, progress=False)
     assert isinstance(art, edgeslm.results.Artifact) and art.target == "onnx" and art.passed is True
     report = edgeslm.verify(art, progress=False)
     assert report.passed is True and report.failures == []

@@ -13,7 +13,7 @@ from edgeslm.cli.main import main
 def onnx_artifact(tmp_path_factory):
     from tiny_export import tiny_model_folder
 
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     root = tmp_path_factory.mktemp("check")
     model = tiny_model_folder(root / "tiny-llama", family="llama")

@@ -77,7 +77,7 @@ def test_qlora_trains_over_frozen_int4(tiny):
     assert facts["qlora"] and facts["last_loss"] < 0.8 * facts["first_loss"], facts["losses"]
     # the adapters sit on Int4Linear modules whose packed codes stay frozen buffers
     model, _, _ = load_model(folder)
-    from edgeslm.quantize import quantize_model
+    from edgeslm.quantizer import quantize_model
     from edgeslm.schemes import get_scheme
 
     quantize_model(model, get_scheme("q4g32-rtn"), progress=False)

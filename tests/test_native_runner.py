@@ -24,7 +24,7 @@ def et_artifact(tmp_path_factory):
     from tiny import tiny_pair
     from tiny_export import char_tokenizer
 
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     root = tmp_path_factory.mktemp("native")
     # Gemma 2 (window 8, soft-caps), one local + one global layer (lowering time grows with layers):
@@ -43,7 +43,7 @@ def et_llama(tmp_path_factory):
     from tiny import tiny_pair
     from tiny_export import char_tokenizer
 
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     root = tmp_path_factory.mktemp("native-llama")
     hf, _ = tiny_pair("llama", num_hidden_layers=2)

@@ -16,7 +16,7 @@ from edgeslm.errors import EdgeSLMError
 from edgeslm.model import Norm
 from edgeslm.qformat import int4_grid_rtn, load_quantized, save_quantized
 from edgeslm.kernels.int4_matmul import dequantize_int4, pack_int4
-from edgeslm.quantize import _fold_into_norm, awq_scales, clipped_rtn, gptq, quantize_model
+from edgeslm.quantizer import _fold_into_norm, awq_scales, clipped_rtn, gptq, quantize_model
 from edgeslm.schemes import get_scheme
 
 EDGESLM = [sys.executable, "-m", "edgeslm.cli.main"]

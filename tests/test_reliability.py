@@ -46,7 +46,7 @@ def env(tmp_path_factory):
 def test_default_export_verifies_past_a_512_window(env):
     """A Gemma 2 with a real-size window (512) exports with default options: the context grows to
     cover the window, and verify prefills past it before decoding further past it."""
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     folder = tiny_model_folder(env["tmp"] / "gemma2-w512", "gemma2", sliding_window=512,
                                max_position_embeddings=4096, final_logit_softcapping=None)
@@ -147,7 +147,7 @@ def test_deploy_fails_when_a_requested_target_cannot_be_built(env, tmp_path):
 
 
 def test_copied_artifact_checks_and_verifies_without_the_cache(env, tmp_path):
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     art = env["tmp"] / "llama-onnx"
     export_artifact(env["llama"], "onnx", "f32", art, context=128, prefill_chunk=16, verify=False, progress=False)
@@ -174,7 +174,7 @@ def test_copied_artifact_checks_and_verifies_without_the_cache(env, tmp_path):
 
 
 def test_check_refuses_a_prompt_past_the_context(env, tmp_path):
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     art = tmp_path / "a"
     export_artifact(env["llama"], "onnx", "f32", art, context=64, prefill_chunk=16, verify=False, progress=False)

@@ -55,7 +55,7 @@ def tiny(tmp_path_factory):
 
 
 def export(tmp, folder, target, context, name=None):
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     out = tmp / (name or f"{target}-{context}")
     if not out.exists():

@@ -30,8 +30,8 @@ def tiny_folder(tmp_path_factory):
 def _export(folder, scheme, out):
     """Export through the shared path, then the shared verify (Brown perplexity on 512 tokens, to
     keep CI short); returns the manifest with the verify result under "parity"."""
-    from edgeslm.export import export_artifact
-    from edgeslm.verify import verify_folder
+    from edgeslm.exporter import export_artifact
+    from edgeslm.parity import verify_folder
 
     manifest = export_artifact(folder, "coreml", scheme, out, context=CONTEXT, prefill_chunk=CHUNK, verify=False,
                                progress=False)

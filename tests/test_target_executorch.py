@@ -51,7 +51,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def artifacts(tiny):
     """Exported once per module: {(family, scheme): (folder, manifest)}."""
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     made = {}
 
@@ -220,7 +220,7 @@ def test_verify_fails_a_pte_with_swapped_weight_rows(artifacts, tmp_path, capsys
 
     from edgeslm.artifact import read_manifest
     from edgeslm.cli.main import main
-    from edgeslm.verify import prompt_ids
+    from edgeslm.parity import prompt_ids
     from tiny_export import char_tokenizer
 
     src, manifest = artifacts("gemma2", "q4g32-rtn")

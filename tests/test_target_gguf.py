@@ -18,7 +18,7 @@ import torch
 
 from edgeslm.errors import EdgeSLMError
 from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
-from edgeslm.quantize import quantize_model
+from edgeslm.quantizer import quantize_model
 from edgeslm.schemes import get_scheme
 from edgeslm.targets.base import ExportContext
 from edgeslm.targets.gguf import TARGET, llama_cpp_python, rope_interleave_rows
@@ -153,11 +153,11 @@ def test_llama_cpp_quantized_matches_reference(tmp_path, family, scheme_name):
 @needs_llama_cpp
 def test_smollm2_q4_0_in_llama_cpp(tmp_path):
     """The real model: our q4g32-rtn checkpoint as Q4_0, run by llama.cpp, against the reference."""
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
     from edgeslm.data import load_eval_text
     from edgeslm.loading import load_model
     from edgeslm.model import generate_greedy
-    from edgeslm.quantize import reference_folder
+    from edgeslm.quantizer import reference_folder
 
     scheme = get_scheme("q4g32-rtn")
     manifest = export_artifact(None, "gguf", scheme.name, tmp_path / "gguf", verify=False, progress=False)
@@ -212,9 +212,9 @@ def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path):
     from tiny_export import tiny_model_folder
 
     from edgeslm.artifact import write_manifest
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
     from edgeslm.loading import load_tokenizer
-    from edgeslm.verify import PROMPT_TEXT
+    from edgeslm.parity import PROMPT_TEXT
 
     folder = tiny_model_folder(tmp_path / "tiny", "llama")
     art = tmp_path / "gguf"

@@ -29,7 +29,7 @@ def work(tmp_path_factory):
 
 
 def export(work, family, scheme, name=None):
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     folder = work / f"tiny-{family}"
     if not folder.exists():
@@ -41,7 +41,7 @@ def export(work, family, scheme, name=None):
 
 
 def verify(out):
-    from edgeslm.verify import verify_folder
+    from edgeslm.parity import verify_folder
 
     return verify_folder(out, ppl_count=512, progress=False, raise_on_failure=False)
 

@@ -38,7 +38,7 @@ def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("webgpu")
     isolated_cache(tmp, mp)
     folder = tiny_model_folder(tmp / "tiny-gemma2", "gemma2")
-    from edgeslm.export import export_artifact
+    from edgeslm.exporter import export_artifact
 
     out = tmp / "webgpu-f32"
     manifest = export_artifact(folder, "webgpu", "f32", out, context=128, progress=False)
@@ -72,7 +72,7 @@ def test_free_running_greedy_in_page(exported):
     from edgeslm.loading import load_model
     from edgeslm.model import generate_greedy
     from edgeslm.ops import reference_only
-    from edgeslm.verify import compare_greedy
+    from edgeslm.parity import compare_greedy
 
     _, out, manifest = exported
     reference, _, _ = load_model(manifest["reference"], with_tokenizer=False)
@@ -142,7 +142,7 @@ def test_relax_module_matches_reference_on_cpu(family, scheme):
     import torch
 
     from edgeslm.ops import reference_only
-    from edgeslm.quantize import quantize_model
+    from edgeslm.quantizer import quantize_model
     from edgeslm.schemes import get_scheme
     from edgeslm.targets.webgpu.build import compile_cpu, numpy_logits
     from tiny import tiny_pair

@@ -26,8 +26,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..export import export_artifact
-    from ..verify import render
+    from ..exporter import export_artifact
+    from ..parity import render
 
     manifest = export_artifact(args.model, args.target, args.scheme, Path(args.out), force=args.force,
                                context=args.context, prefill_chunk=args.prefill_chunk, steps=args.steps,

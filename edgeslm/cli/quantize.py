@@ -23,7 +23,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..quantize import quantize_folder
+    from ..quantizer import quantize_folder
 
     scheme = get_scheme(args.scheme)  # an unknown name fails before any loading
     if args.samples < 1:

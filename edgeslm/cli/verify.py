@@ -20,7 +20,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..verify import render, verify_folder
+    from ..parity import render, verify_folder
 
     result = verify_folder(args.folder, steps=args.steps, ppl_count=args.ppl_tokens, progress=not args.json,
                            raise_on_failure=False, reference=args.reference, allow_pickle=args.allow_pickle)

@@ -17,7 +17,7 @@ pytest.importorskip("triton")
 from tiny import tiny_pair  # noqa: E402
 
 from edgeslm import ops  # noqa: E402
-from edgeslm.quantize import quantize_model  # noqa: E402
+from edgeslm.quantizer import quantize_model  # noqa: E402
 from edgeslm.schemes import get_scheme  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"

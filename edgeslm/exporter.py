@@ -14,7 +14,7 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
                     prefill_chunk=64, steps=None, verify=True, progress=True, allow_pickle=False) -> dict:
     """The whole export; returns the manifest. Raises EdgeSLMError on bad input before writing anything.
 
-    context None: verify.default_context (512, or 2x the sliding window so verify can cross it)."""
+    context None: parity.default_context (512, or 2x the sliding window so verify can cross it)."""
     import torch
 
     from .artifact import atomic_folder, write_manifest
@@ -22,11 +22,11 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
     from .config import spec_from_hf_config
     from .loading import load_model, load_tokenizer, read_hf_config, resolve_model_path
     from .model import count_parameters
-    from .quantize import reference_folder
+    from .quantizer import reference_folder
     from .schemes import get_scheme
     from .targets.base import ExportContext
     from .targets.registry import get_target
-    from .verify import default_context, plan, verify_folder
+    from .parity import default_context, plan, verify_folder
 
     target = get_target(target_name)
     scheme = get_scheme(scheme_name)
