@@ -42,11 +42,12 @@ EXACT_BOUNDS = {"max_abs_logit": 1e-3, "tokens_identical": True, "free_running_i
 # accuracy_level 4 rounds each 32-value block of activations to int8 before the int4 x int8 dot products.
 ACCURACY_BOUNDS = {
     0: EXACT_BOUNDS,
-    4: {"max_abs_logit": 1.0, "tokens_identical": False, "free_running_identical": False,
+    4: {"max_abs_logit": 4.0, "tokens_identical": False, "free_running_identical": False,
         "free_running_min_prefix": None, "ppl_rel": 0.01,
-        "basis": "MatMulNBits accuracy_level 4 (int8 activations per block) is not exact: max |logit diff| "
-                 "measured 0.56 on tests/tiny.py's llama (random weights, logits of +-10); bound: 1.0 on "
-                 "the logits, perplexity within 1% of the int4 reference, greedy tokens reported"},
+        "basis": "MatMulNBits accuracy_level 4 (int8 activations per block) is not exact: measured on "
+                 "SmolLM2-135M q4g32-rtn, 64 teacher-forced steps, max |logit diff| 2.81 (mean 0.27), greedy "
+                 "64/64 and free-running 64/64 identical, Brown perplexity +0.82% vs the int4 reference; "
+                 "0.56 on tests/tiny.py's llama. Bound: 4.0 on the logits, perplexity within 1%"},
 }
 
 
