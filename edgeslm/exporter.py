@@ -60,7 +60,7 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
     with atomic_folder(out, force=force) as tmp:
         with torch.no_grad():
             fields = target.export(model, scheme, tmp, ctx)
-        if tok is not None:
+        if tok is not None and not (tmp / "tokenizer.json").is_file():  # a target may ship it at the top already
             tok.save_pretrained(str(tmp / "tokenizer"))
         # the model's config travels with the artifact, so a copied folder needs no cache to be described
         shutil.copyfile(Path(ref) / "config.json", tmp / "config.json")

@@ -363,10 +363,14 @@ def load_reference(manifest: dict, reference=None, allow_pickle: bool = False):
 
 
 def artifact_tokenizer(folder: Path):
+    """The tokenizer that ships with an artifact: tokenizer/, else the folder's top (where a target
+    whose runtime reads it there, as onnxruntime-genai does, writes it); None when there is none."""
     from .loading import load_tokenizer
 
-    tdir = Path(folder) / "tokenizer"
-    return load_tokenizer(tdir) if tdir.is_dir() else None
+    for candidate in (Path(folder) / "tokenizer", Path(folder)):
+        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
+            return load_tokenizer(candidate)
+    return None
 
 
 def parity_bounds(target, scheme, manifest: dict) -> dict:

@@ -49,7 +49,9 @@ def test_export_writes_verified_manifest(setup):
     manifest = json.loads((setup["out"] / "manifest.json").read_text())
     assert manifest["target"] == "onnx" and manifest["scheme"] == "f32" and manifest["context_length"] == 128
     # self-contained: the model's config and tokenizer travel with the artifact
-    assert set(manifest["files"]) >= {get_target("onnx").artifact_suffix, "config.json", "tokenizer/tokenizer.json"}
+    files = set(manifest["files"])
+    assert files >= {get_target("onnx").artifact_suffix, "config.json"}
+    assert "tokenizer.json" in files or "tokenizer/tokenizer.json" in files
     assert manifest["tools"]["onnxruntime"] and manifest["reference"] == str(setup["folder"].resolve())
     parity = manifest["parity"]
     assert parity["passed"] and parity["steps"] >= 64 and parity["prompt_tokens"] > 8  # past the window of 8

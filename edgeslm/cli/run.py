@@ -39,13 +39,12 @@ def add_arguments(p):
 
 
 def artifact_tokenizer(folder: Path):
-    """The tokenizer that ships with the artifact: tokenizer/ (every target), else the folder's top."""
-    from ..loading import load_tokenizer
+    from ..parity import artifact_tokenizer as shipped
 
-    for candidate in (folder / "tokenizer", folder):
-        if (candidate / "tokenizer.json").is_file() or (candidate / "tokenizer_config.json").is_file():
-            return load_tokenizer(candidate)
-    raise EdgeSLMError(f"{folder} ships no tokenizer (no tokenizer/ folder); `edgeslm run` needs one to read text")
+    tokenizer = shipped(folder)
+    if tokenizer is None:
+        raise EdgeSLMError(f"{folder} ships no tokenizer; `edgeslm run` needs one to read text")
+    return tokenizer
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
