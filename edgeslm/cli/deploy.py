@@ -12,8 +12,8 @@ HELP = ("the main job: model -> (fine-tune) -> quantize once -> export every tar
 
 def add_arguments(p):
     p.add_argument("recipe", nargs="?", help="a recipe TOML (see edgeslm/pipeline.py); default: the embedded "
-                   "SmolLM2-135M, scheme q4g32-gptq, targets onnx + executorch (+ gguf when llama.cpp is built; "
-                   "coreml and webgpu are opt-in), device host")
+                   "SmolLM2-135M, scheme q4g32-gptq, target onnx (+ gguf when llama.cpp is built; "
+                   "executorch, coreml and webgpu are opt-in), device host")
     p.add_argument("--out", required=True, help="output folder (reused: finished steps are cached)")
     p.add_argument("--scheme", help="override the recipe's scheme")
     p.add_argument("--target", action="append", dest="targets", metavar="NAME", help="override the recipe's targets")
