@@ -418,13 +418,30 @@ class LlamaCppWorker:
     def _read_header(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            self._stderr.seek(0)
-            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise EdgeSLMError(f"llama.cpp exited: {' | '.join(tail) or 'no message'}")
+            raise EdgeSLMError(self._death())
         header = json.loads(line)
         if "error" in header:
             raise EdgeSLMError(f"llama.cpp: {header['error']}")
         return header
+
+    def _death(self) -> str:
+        """Why the worker ended: its exit status or signal, and the last lines of its stderr (llama.cpp's
+        warnings and errors, or the Python stack that faulthandler prints at a crash)."""
+        import signal
+
+        try:
+            code = self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        how = (f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals()
+               else f"exited with status {code}")
+        self._stderr.seek(0)
+        lines = [ln.strip() for ln in self._stderr.read().decode(errors="replace").splitlines()
+                 if ln.strip() and not ln.startswith(("Extension modules:", "Thread 0x", "Current thread 0x"))]
+        tail = lines[-5:]
+        fatal = [ln for ln in lines[:-5] if ln.startswith("Fatal Python error")][:1]
+        return f"llama.cpp worker {how}: {' | '.join(fatal + tail) or 'it wrote nothing to stderr'}"
 
     def request(self, **req) -> tuple[dict, np.ndarray | None]:
         self.proc.stdin.write((json.dumps(req) + "\n").encode())

@@ -17,10 +17,13 @@ Requests:
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import resource
 import sys
 import time
+from collections import deque
 
 
 def peak_rss_mb() -> float:
@@ -31,21 +34,58 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class LlamaLog:
+    """llama.cpp's warnings and errors, written to a stderr that llama-cpp-python's quiet mode does not
+    silence (it points fd 2 at /dev/null while a model loads) and kept, so that a failed load can say why."""
+
+    WARN, ERROR, CONT = 3, 4, 5  # ggml_log_level
+
+    def __init__(self, llama_cpp, stream):
+        self.stream, self.lines, self.level = stream, deque(maxlen=8), 0
+        self.callback = llama_cpp.llama_log_callback(self.write)  # held: llama.cpp keeps the pointer
+        llama_cpp.llama_log_set(self.callback, None)
+
+    def write(self, level, text, _user_data):
+        self.level = self.level if level == self.CONT else level
+        if self.level >= self.WARN:
+            line = text.decode("utf-8", errors="replace")
+            self.stream.write(line)
+            self.stream.flush()
+            if line.strip():
+                self.lines.append(line.strip())
+
+    def tail(self) -> str:
+        return " | ".join(self.lines) or "no log line"
+
+
+def avoid_amx_tiles(llama_cpp):
+    """Keeps llama.cpp's weights out of ggml's AMX buffer type when the library was built with AMX.
+
+    In this build (GCC 12, GGML_NATIVE on a CPU with AMX) ggml's tile configuration reaches
+    `ldtilecfg` without its row and column sizes: GCC 12's `_tile_loadconfig` declares an 8-byte
+    memory operand, so the compiler drops the stores to the rest of the 64-byte configuration, and
+    the first Q4_0/Q8_0 matrix product dies with a general protection fault (SIGSEGV). Turning off
+    the extra buffer types (AMX and the CPU repack) sends those products to ggml's plain CPU kernels,
+    which compute the same Q4_0 x Q8_0 / Q8_0 x Q8_0 dot products."""
+    if b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info():
+        return False
+    defaults = llama_cpp.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = without_extra_buffers  # what Llama() calls for its params
+    return True
+
+
 def main():
     path, n_ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     kv = sys.argv[4] if len(sys.argv) > 4 else "f16"  # llama.cpp's default KV cache type is f16
     # "last": only the last position's logits, as llama.cpp computes them for generation (benchmarks);
     # "all": every position's (verify and perplexity need them)
     logits_all = (sys.argv[5] if len(sys.argv) > 5 else "all") == "all"
-    import llama_cpp
-    import numpy as np
-
-    rss_base = peak_rss_mb()
-
-    kv_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv]
-    llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, logits_all=logits_all, type_k=kv_type, type_v=kv_type, verbose=False)
-    vocab = llm.n_vocab()
     out = sys.stdout.buffer
 
     def answer(header, payload=b""):
@@ -53,7 +93,29 @@ def main():
         out.write(payload)
         out.flush()
 
-    answer({"ready": True, "vocab": vocab, "llama_cpp_python": llama_cpp.__version__})
+    # A crash inside llama.cpp (a signal) prints the Python stack to the real stderr, for the parent.
+    stderr = os.fdopen(os.dup(2), "w")
+    faulthandler.enable(file=stderr)
+    import llama_cpp
+    import llama_cpp.llama_cpp as llama_lib
+    import numpy as np
+
+    rss_base = peak_rss_mb()
+    log = LlamaLog(llama_lib, stderr)
+    no_amx = avoid_amx_tiles(llama_lib)
+
+    kv_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv]
+    try:
+        llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
+                              n_threads_batch=threads, logits_all=logits_all, type_k=kv_type, type_v=kv_type,
+                              verbose=False)
+    except Exception as e:  # llama-cpp-python says only "Failed to load model"; llama.cpp's log says why
+        answer({"error": f"{type(e).__name__}: {e}; llama.cpp: {log.tail()}"})
+        return
+    vocab = llm.n_vocab()
+
+    answer({"ready": True, "vocab": vocab, "llama_cpp_python": llama_cpp.__version__,
+            "extra_buffer_types": not no_amx})
     for line in sys.stdin:
         req = json.loads(line)
         op = req["op"]
