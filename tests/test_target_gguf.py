@@ -200,8 +200,19 @@ def swap_rows(gguf_path, tensor_name: str, i: int, j: int):
         f.write(a)
 
 
+def byte_level_folder(folder, family="llama", tokenizer=None, **overrides):
+    """A tiny_pair model saved as a Hugging Face folder with a GPT-2 style byte-level BPE tokenizer
+    (260 ids), the kind the gguf target carries into tokenizer.ggml.*."""
+    from test_run import byte_level_tokenizer
+
+    hf, _ = tiny_pair(family, vocab_size=260, **overrides)
+    hf.save_pretrained(str(folder), safe_serialization=True)
+    (tokenizer or byte_level_tokenizer()).save_pretrained(str(folder))
+    return folder
+
+
 @needs_llama_cpp
-def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path):
+def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path, monkeypatch):
     """The negative test: a Q4_0 artifact whose embedding rows of two prompt tokens are swapped, with
     its manifest re-hashed so that only parity can catch it, fails verify (exit 1) on a bound."""
     import json
@@ -209,14 +220,15 @@ def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path):
     import subprocess
     import sys
 
-    from tiny_export import tiny_model_folder
+    from tiny_export import isolated_cache
 
     from edgeslm.artifact import write_manifest
     from edgeslm.exporter import export_artifact
     from edgeslm.loading import load_tokenizer
     from edgeslm.parity import PROMPT_TEXT
 
-    folder = tiny_model_folder(tmp_path / "tiny", "llama")
+    isolated_cache(tmp_path, monkeypatch)
+    folder = byte_level_folder(tmp_path / "tiny", "llama")
     art = tmp_path / "gguf"
     manifest = export_artifact(folder, "gguf", "q4g32-rtn", art, context=128, prefill_chunk=16, progress=False)
     assert manifest["parity"]["passed"], manifest["parity"]["failures"]
@@ -235,3 +247,29 @@ def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path):
     result = json.loads(done.stdout)
     assert not result["passed"] and result["failures"]
     assert any("logit diff" in f or "greedy" in f for f in result["failures"])
+
+
+def test_export_refuses_a_bpe_tokenizer_without_merges(tmp_path):
+    """A byte-level BPE tokenizer with no merges cannot be read back by llama.cpp: `edgeslm export`
+    refuses it with one line and exit 2, and --out does not appear."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    folder = byte_level_folder(tmp_path / "tiny", "llama", tokenizer=PreTrainedTokenizerFast(tokenizer_object=tk))
+    out = tmp_path / "gguf"
+    env = {**os.environ, "EDGESLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "export", str(folder), "--target", "gguf",
+                           "--out", str(out), "--no-verify"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no BPE merges" in lines[0], done.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(out.name)]  # no temporary sibling either
