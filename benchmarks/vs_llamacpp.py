@@ -308,8 +308,13 @@ def main(argv=None):
         except Exception as e:
             log(f"skipping {name}: {e}")
             results.pop(name)
-    for w in workers:  # one untimed warm-up each
-        w.ask(op="bench", prompt=prompt, decode=8)
+    for w in list(workers):  # one untimed warm-up each; a variant whose runtime dies is dropped, named
+        try:
+            w.ask(op="bench", prompt=prompt, decode=8)
+        except RuntimeError as e:
+            log(f"skipping {w.name}: {e}")
+            workers.remove(w)
+            results.pop(w.name)
     for r in range(args.rounds):
         order = workers[r % len(workers):] + workers[: r % len(workers)]
         for w in order:
