@@ -49,7 +49,7 @@ fi
 # --- end native runner
 
 # --- webgpu target: Debian chromium + emscripten (only when missing), and the pinned npm
-# packages the browser runner uses, in ~/.cache/edgeslm/node (EDGESLM_NODE_DIR overrides). The TVM
+# packages the browser runners use, in ~/.cache/edgeslm/node (EDGESLM_NODE_DIR overrides). The TVM
 # web runtime (.bc) is built from the wheels' sources on first use (targets/webgpu/runtime.py).
 if ! command -v chromium >/dev/null || ! command -v emcc >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -63,8 +63,10 @@ if command -v npm >/dev/null; then
   webgpu_node=${EDGESLM_NODE_DIR:-${EDGESLM_CACHE:-$HOME/.cache/edgeslm}/node}
   mkdir -p "$webgpu_node"
   [ -f "$webgpu_node/package.json" ] || echo '{"name":"edgeslm-webgpu-node","private":true}' >"$webgpu_node/package.json"
+  # web-llm 0.2.85: the last release whose bundled web runtime is 0.27 (0.2.86 bundles 0.28.0-dev0),
+  # the ABI of the apache-tvm 0.27 wheel that links the model library
   (cd "$webgpu_node" && npm install --silent --no-audit --no-fund --ignore-scripts \
-    playwright-core@1.65.1 @mlc-ai/web-runtime@0.27.0-dev0)
+    playwright-core@1.65.1 @mlc-ai/web-runtime@0.27.0-dev0 @mlc-ai/web-llm@0.2.85)
 fi
 # --- end webgpu target
 

@@ -1,10 +1,16 @@
-"""The WebGPU target: the MLC path on apache-tvm, run in real headless Chromium.
+"""The WebGPU target: a model library for WebLLM's engine, built with apache-tvm, run in real
+headless Chromium.
 
-  relax_model.py  the decoder as a tvm.relax.frontend.nn module (int4 packed weights, f32/f16 compute)
-  build.py        compile for webgpu + wasm32 host, link with emscripten, tensor cache, configs, WGSL
-  runtime.py      the TVM web runtime bitcode, built once from the wheels' sources (own headers)
-  browser.py      the runner: 127.0.0.1 static server + node/playwright-core + Chromium
-  page/           the runner page (tvmjs) and the node driver
+  relax_model.py        the layers as a tvm.relax.frontend.nn module (int4 packed weights, f32/f16)
+  webllm_model.py       the engine's functions over them: embed, prefill, decode, the paged KV cache
+  softcap_attention.py  the cache's attention kernels, with the soft-cap and per-layer windows
+  sampling.py           the sampling functions the engine calls on every token
+  webllm_build.py       compile, link, tensor cache, mlc-chat-config.json, the WebLLM version check
+  build.py              the WebGPU compile pipeline and WGSL listing (and the older tvmjs-only module)
+  runtime.py            the TVM web runtime bitcode, built once from the wheels' sources (own headers)
+  browser.py            the runners: 127.0.0.1 static server + node/playwright-core + Chromium, with
+                        the tvmjs page (logits, for verify) or WebLLM's engine (CreateMLCEngine)
+  page/                 the two pages and the node driver
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ DTYPES = {"float32": "float32", "f32": "float32", "float16": "float16", "f16": "
 
 class WebGPUTarget(Target):
     name = "webgpu"
-    description = "TVM Relax -> WGSL + wasm (MLC-style) run with @mlc-ai/web-runtime in headless Chromium"
+    description = "TVM Relax -> WGSL + wasm model library for @mlc-ai/web-llm, run in headless Chromium"
     artifact_suffix = "model.wasm"
 
     def unavailable_reason(self):
@@ -34,9 +40,7 @@ class WebGPUTarget(Target):
         return missing_parts()
 
     def unsupported_reason(self, model, scheme):
-        if scheme.quantized and scheme.bits != 4:
-            return f"the webgpu target maps int4 schemes and float weights; {scheme.name} is not mapped"
-        return None
+        return scheme.target_reason("webgpu")
 
     def compute_dtype(self, scheme, ctx: ExportContext | None) -> str:
         from edgeslm.errors import EdgeSLMError
@@ -48,11 +52,12 @@ class WebGPUTarget(Target):
         return DTYPES[asked]
 
     def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
-        from .build import build_webgpu
+        from .webllm_build import check_webllm_runtime, export_webllm
 
+        check_webllm_runtime()  # a mismatched WebLLM is refused before minutes of compiling
         dtype = self.compute_dtype(scheme, ctx)
-        facts = build_webgpu(model.float().eval() if dtype == "float32" else model.eval(), Path(out), dtype,
-                             ctx.model_name, ctx.context_length)
+        facts = export_webllm(model.float().eval() if dtype == "float32" else model.eval(), Path(out), dtype,
+                              ctx.model_name, ctx.context_length, ctx.prefill_chunk, tokenizer=ctx.tokenizer)
         return {"webgpu": facts, "compute_dtype": dtype}
 
     def load(self, folder: Path, manifest: dict) -> Runner:

@@ -31,7 +31,7 @@ from ..base import Runner
 PAGE_DIR = Path(__file__).parent / "page"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_HINT = "apt-get install -y chromium (or run scripts/setup.sh)"
-NODE_PACKAGES = {"playwright-core": "1.65.1", "@mlc-ai/web-runtime": "0.27.0-dev0"}
+NODE_PACKAGES = {"playwright-core": "1.65.1", "@mlc-ai/web-runtime": "0.27.0-dev0", "@mlc-ai/web-llm": "0.2.85"}
 NODE_HINT = "run scripts/setup.sh (npm installs " + " ".join(f"{k}@{v}" for k, v in NODE_PACKAGES.items()) + \
     " into ~/.cache/edgeslm/node)"
 
@@ -98,24 +98,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def serve(folder: Path):
-    """A static server on 127.0.0.1 and a free port, for one artifact folder. -> (server, url)."""
+def serve(folder: Path, page: str = "index.html"):
+    """A static server on 127.0.0.1 and a free port, for one artifact folder. -> (server, url).
+    The folder is served twice: under /artifact/ for the tvmjs page and under
+    /model/resolve/main/, the layout WebLLM's engine expects of a model URL."""
     runtime_js = node_dir() / "node_modules/@mlc-ai/web-runtime/lib/index.js"
     handler = type("Handler", (_Handler,), {
-        "roots": {"/artifact/": Path(folder), "/page/": PAGE_DIR},
+        "roots": {"/artifact/": Path(folder), "/model/resolve/main/": Path(folder), "/page/": PAGE_DIR,
+                  "/webllm/": node_dir() / "node_modules/@mlc-ai/web-llm/lib"},
         "files": {"/runtime/tvmjs.bundle.js": runtime_js},
     })
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/page/index.html"
+    return server, f"http://127.0.0.1:{server.server_address[1]}/page/{page}"
 
 
 class BrowserRunner(Runner):
     """One Chromium page holding the loaded artifact; prefill/decode go through it."""
 
+    runtime_name = "@mlc-ai/web-runtime " + NODE_PACKAGES["@mlc-ai/web-runtime"]
     # SwiftShader runs SmolLM2-135M at ~1 s per prefill token on 2 cores: a 512-token perplexity
     # window in one call would outlast the per-call timeout, so score() feeds it in chunks
     score_chunk = 64
+
+    page = "index.html"
 
     def __init__(self, folder: Path, timeout_s: float = 600.0):
         problem = missing_parts()
@@ -126,7 +132,7 @@ class BrowserRunner(Runner):
         self.vocab = meta["vocab_size"]
         self.context = meta.get("context_length")
         self.timeout_s = timeout_s
-        self.server, url = serve(self.folder)
+        self.server, url = serve(self.folder, self.page)
         self.profile = tempfile.mkdtemp(prefix="edgeslm-chromium-")
         env = dict(os.environ, NODE_PATH=str(node_dir() / "node_modules"),
                    EDGESLM_PLAYWRIGHT=str(node_dir() / "node_modules" / "playwright-core"))
@@ -145,7 +151,7 @@ class BrowserRunner(Runner):
         self.adapter = ready["adapter"]
         self.load_ms = ready["load_ms"]
         desc = " ".join(x for x in (self.adapter.get("vendor"), self.adapter.get("architecture")) if x)
-        self.runtime = f"@mlc-ai/web-runtime 0.27.0-dev0 in {self._chromium_version()} on WebGPU ({desc or 'adapter'})"
+        self.runtime = f"{self.runtime_name} in {self._chromium_version()} on WebGPU ({desc or 'adapter'})"
         self.past = 0
 
     @staticmethod
@@ -250,3 +256,40 @@ class BrowserRunner(Runner):
         if getattr(self, "profile", None):
             shutil.rmtree(self.profile, ignore_errors=True)
             self.profile = None
+
+
+class WebLLMRunner(BrowserRunner):
+    """The artifact loaded, unchanged, by @mlc-ai/web-llm's CreateMLCEngine in the same headless
+    Chromium. The engine exposes tokens, not logits, so this runner generates; verify's logit
+    parity stays with the tvmjs page (BrowserRunner), which runs the same model library."""
+
+    page = "webllm.html"
+    runtime_name = "@mlc-ai/web-llm " + NODE_PACKAGES["@mlc-ai/web-llm"]
+
+    def prefill(self, tokens, start):
+        raise EdgeSLMError("WebLLM's engine returns sampled tokens, not logits; use generate_greedy")
+
+    decode = prefill
+
+    def generate_greedy(self, prompt: torch.Tensor, steps: int):
+        """Greedy tokens through the engine's forwardTokensAndSample (temperature 0)."""
+        self._check_room(prompt.shape[1] + steps - 1)
+        msg = self._call("generate", [int(t) for t in prompt.reshape(-1)], int(steps))
+        decode = msg["decode_ms"]
+        self.last_timings = {
+            "prefill_ms": msg["prefill_ms"], "prompt_tokens": int(prompt.shape[1]),
+            "decode_ms_median": float(np.median(decode)) if decode else None,
+            "decode_tok_s": 1000.0 / float(np.median(decode)) if decode else None,
+        }
+        return torch.tensor(msg["tokens"])
+
+    def generate_forced(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The engine's greedy choice after each position of a given sequence (prefill of the
+        first token, then the given tokens one decode at a time, whatever the engine picked)."""
+        ids = [int(t) for t in tokens.reshape(-1)]
+        self._check_room(len(ids))
+        return torch.tensor(self._call("generate", ids[:1], len(ids), ids[1:])["tokens"])
+
+    def complete(self, prompt: str, max_tokens: int) -> dict:
+        """The engine's OpenAI-style completions.create at temperature 0 (its tokenizer and stops)."""
+        return self._call("complete", prompt, int(max_tokens))

@@ -12,11 +12,13 @@ and top_p 1.0):
   apply_bitmask_inplace(logits [B, V], seq_ids, bitmask [B, ceil(V / 32)])
 
 Each is a Relax function here (the in-place ones return their first argument), over TIR kernels
-written for this file; the sort is TVM's relax argsort.
+written for this file. The sort is a bitonic network over the vocabulary padded to a power of two,
+one dispatch per stage (TVM 0.27's GPU argsort binds blockIdx.z, which its WebGPU backend refuses).
 """
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import relax as rx
 from tvm import tirx
 from tvm.script import tirx as T
@@ -40,9 +42,9 @@ def _top_p_kernel(gpu: bool):
     def sample_top_p(var_probs: T.handle, var_ids: T.handle, var_uniform: T.handle, var_rows: T.handle,
                      var_top_p: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        n = T.int64()
-        v = T.int64()
-        b = T.int64()
+        n = T.int32()
+        v = T.int32()
+        b = T.int32()
         probs = T.match_buffer(var_probs, (n, v), "float32")
         ids = T.match_buffer(var_ids, (n, v), "int32")
         uniform = T.match_buffer(var_uniform, (b,), "float32")
@@ -73,6 +75,77 @@ def _top_p_kernel(gpu: bool):
                 out[s] = ids[r, pick[1]]
 
     return sample_top_p
+
+
+def _bitonic_stage_kernel(gpu: bool):
+    """One compare-exchange stage of a bitonic sort over (keys, ids) [n, P], into new buffers:
+    larger key first, the smaller id first among equal keys. k: the size of the bitonic runs being
+    merged, j: the partner distance (both in a 2-element tensor). Each element reads its pair and keeps its own or its
+    partner's entry, so no thread writes what another reads."""
+    rows, threads = _loops(gpu)
+    width = THREADS if gpu else 1
+
+    @T.prim_func(s_tir=True)
+    def bitonic_stage(var_keys: T.handle, var_ids: T.handle, var_stage: T.handle, var_keys_out: T.handle,
+                      var_ids_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int32()
+        p = T.int32()
+        stage = T.match_buffer(var_stage, (2,), "int32")  # k, j
+        keys = T.match_buffer(var_keys, (n, p), "float32")
+        ids = T.match_buffer(var_ids, (n, p), "int32")
+        keys_out = T.match_buffer(var_keys_out, (n, p), "float32")
+        ids_out = T.match_buffer(var_ids_out, (n, p), "int32")
+        for blk in rows((n * p + width - 1) // width):
+            for t in threads(width):
+                with T.sblock("stage"):
+                    T.reads()
+                    T.writes()
+                    g: T.let[T.int32] = blk * width + t
+                    if g < n * p:
+                        r: T.let[T.int32] = g // p
+                        i: T.let[T.int32] = g % p
+                        partner: T.let[T.int32] = T.bitwise_xor(i, stage[1])
+                        lo: T.let[T.int32] = T.min(i, partner)
+                        hi: T.let[T.int32] = T.max(i, partner)
+                        # the pair (lo, hi) is in descending order already
+                        ordered: T.let[T.bool] = keys[r, lo] > keys[r, hi] or (keys[r, lo] == keys[r, hi] and ids[r, lo] < ids[r, hi])
+                        desc: T.let[T.bool] = T.bitwise_and(lo, stage[0]) == 0  # this run sorts descending
+                        keep: T.let[T.bool] = (ordered and desc) or (not ordered and not desc)
+                        keys_out[r, i] = T.if_then_else(keep, keys[r, i], keys[r, partner])
+                        ids_out[r, i] = T.if_then_else(keep, ids[r, i], ids[r, partner])
+
+    return bitonic_stage
+
+
+def attach_argsort(bb: rx.BlockBuilder, gpu: bool, vocab: int):
+    """argsort_probs(probs [n, vocab]) -> (probs sorted descending, their token ids)."""
+    f32, i32 = "float32", "int32"
+    n = tirx.Var("n", "int64")
+    size = 1
+    while size < vocab:
+        size *= 2
+    probs = rx.Var("probs", rx.TensorType([n, vocab], f32))
+    stage = bb.add_func(_bitonic_stage_kernel(gpu), "bitonic_stage")
+    with bb.function("argsort_probs", [probs]):
+        # probabilities are >= 0, so -1 pads sort after every real entry
+        keys = bb.emit(rx.op.nn.pad(probs, [0, 0, 0, size - vocab], pad_value=-1.0)) if size > vocab else probs
+        row = bb.emit(rx.op.reshape(rx.op.arange(0, size, 1, i32), rx.ShapeExpr([1, size])))
+        ids = bb.emit(rx.op.broadcast_to(row, rx.ShapeExpr([n, size])))
+        ty = [rx.TensorType([n, size], f32), rx.TensorType([n, size], i32)]
+        k = 2
+        while k <= size:
+            j = k // 2
+            while j >= 1:
+                kj = rx.const(np.array([k, j], dtype="int32"))
+                out = bb.emit(rx.call_tir(stage, [keys, ids, kj], ty))
+                keys = bb.emit(rx.TupleGetItem(out, 0))
+                ids = bb.emit(rx.TupleGetItem(out, 1))
+                j //= 2
+            k *= 2
+        ranked = bb.emit(rx.op.strided_slice(keys, axes=[1], begin=[0], end=[vocab]))
+        order = bb.emit(rx.op.strided_slice(ids, axes=[1], begin=[0], end=[vocab]))
+        bb.emit_func_output(rx.Tuple([ranked, order]))
 
 
 def _logit_bias_kernel(gpu: bool):
@@ -158,8 +231,8 @@ def _bitmask_kernel(gpu: bool):
     return bitmask
 
 
-def attach_sampling(bb: rx.BlockBuilder, gpu: bool):
-    """Adds the six functions to the module under construction in bb."""
+def attach_sampling(bb: rx.BlockBuilder, gpu: bool, vocab: int):
+    """Adds the six functions to the module under construction in bb (vocab: the logits' width)."""
     f32, i32 = "float32", "int32"
     b, n, v = (tirx.Var(x, "int64") for x in ("b", "n", "v"))
 
@@ -170,12 +243,7 @@ def attach_sampling(bb: rx.BlockBuilder, gpu: bool):
         probs = bb.emit(rx.op.nn.softmax(rx.op.divide(logits3, t), axis=-1))
         bb.emit_func_output(probs)
 
-    probs2 = rx.Var("probs", rx.TensorType([n, v], f32))
-    with bb.function("argsort_probs", [probs2]):
-        order = bb.emit(rx.op.argsort(probs2, axis=-1, descending=True, dtype=i32))
-        ranked = bb.emit(rx.op.take_along_axis(probs2, order, axis=-1)) if hasattr(rx.op, "take_along_axis") else \
-            bb.emit(rx.op.gather_elements(probs2, order, axis=-1))
-        bb.emit_func_output(rx.Tuple([ranked, order]))
+    attach_argsort(bb, gpu, vocab)
 
     sp = rx.Var("sorted_probs", rx.TensorType([n, v], f32))
     si = rx.Var("sorted_indices", rx.TensorType([n, v], i32))

@@ -1,7 +1,8 @@
 // The in-browser half of edgeslm's WebGPU runner. Loads an artifact folder (served under
-// /artifact/) with @mlc-ai/web-runtime (tvmjs) and exposes window.edgeslm, which the node
-// driver calls through playwright. Every entry point returns plain JSON; logits travel as
-// base64 little-endian float32.
+// /artifact/) with @mlc-ai/web-runtime (tvmjs), drives its model library the way WebLLM's engine
+// does (paged KV cache through the runtime's vm.builtin.kv_state_* functions), and exposes
+// window.edgeslm, which the node driver calls through playwright. Every entry point returns plain
+// JSON; logits travel as base64 little-endian float32.
 "use strict";
 
 function log(msg) {
@@ -25,7 +26,7 @@ class Problem extends Error {
   }
 }
 
-const state = { tvm: null, vm: null, dev: null, params: null, cache: null, past: 0, meta: null };
+const state = { tvm: null, vm: null, dev: null, params: null, kv: null, past: 0, meta: null, fn: {} };
 
 async function load() {
   const t0 = performance.now();
@@ -61,39 +62,61 @@ async function load() {
   state.vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(state.dev));
   await tvm.fetchTensorCache(location.origin + "/artifact/", state.dev, "edgeslm", "cache");
   state.params = tvm.detachFromCurrentScope(tvm.getParamsFromCacheByName(meta.param_names));
-  state.first = tvm.detachFromCurrentScope(state.vm.getFunction(meta.functions.first));
-  state.step = tvm.detachFromCurrentScope(state.vm.getFunction(meta.functions.step));
+  for (const [key, name] of Object.entries(meta.functions)) {
+    state.fn[key] = tvm.detachFromCurrentScope(state.vm.getFunction(name));
+  }
+  for (const name of ["kv_state_clear", "kv_state_add_sequence", "kv_state_begin_forward", "kv_state_end_forward"]) {
+    state.fn[name] = tvm.detachFromCurrentScope(tvm.getGlobalFunc("vm.builtin." + name));
+  }
+  // one sequence, the artifact's context, its prefill chunk, pages of 16, no runtime sliding window
+  state.kv = tvm.detachFromCurrentScope(state.fn.create_cache(
+    tvm.makeShapeTuple([1]), tvm.makeShapeTuple([meta.context_length]), tvm.makeShapeTuple([meta.prefill_chunk_size]),
+    tvm.makeShapeTuple([meta.page_size]), tvm.makeShapeTuple([0])));
   tvm.endScope();
+  resetCache();
   await state.dev.sync();
   return { adapter: adapterFacts, load_ms: performance.now() - t0 };
 }
 
 function resetCache() {
-  if (state.cache) state.cache.dispose();
-  state.cache = null;
+  state.tvm.beginScope();
+  state.fn.kv_state_clear(state.kv);
+  state.fn.kv_state_add_sequence(state.kv, new tvmjs.Scalar(0, "int64"));
+  state.tvm.endScope();
   state.past = 0;
 }
 
-// Runs tokens at positions past.. and returns logits [T, V] on the CPU.
-async function forward(tokens) {
+// One call of at most prefill_chunk_size tokens: embed, then every position's logits (the
+// engine's decode function for a single token, as WebLLM calls it).
+async function forwardChunk(tokens) {
   const tvm = state.tvm;
-  const t0 = performance.now();
   tvm.beginScope();
-  const ids = tvm.empty([1, tokens.length], "int32", tvm.cpu());
+  const ids = tvm.empty([tokens.length], "int32", state.dev);
   ids.copyFrom(new Int32Array(tokens));
-  const gpuIds = tvm.empty([1, tokens.length], "int32", state.dev);
-  gpuIds.copyFrom(ids);
-  const out = state.cache === null ? state.first(gpuIds, state.params) : state.step(gpuIds, state.cache, state.params);
+  const embed = state.fn.embed(ids, state.params);
+  const input = embed.view([1, tokens.length, state.meta.hidden_size]);
+  state.fn.kv_state_begin_forward(state.kv, tvm.makeShapeTuple([0]), tvm.makeShapeTuple([tokens.length]));
+  const out = (tokens.length === 1 ? state.fn.decode : state.fn.prefill_all)(input, state.kv, state.params);
+  state.fn.kv_state_end_forward(state.kv);
   const logits = out.get(0);
-  const cache = tvm.detachFromCurrentScope(out.get(1));
   const host = tvm.empty(logits.shape, "float32", tvm.cpu());
   host.copyFrom(logits);
   await state.dev.sync();
   const values = new Float32Array(host.toArray());
   tvm.endScope();
-  if (state.cache) state.cache.dispose();
-  state.cache = cache;
   state.past += tokens.length;
+  return values;
+}
+
+// Runs tokens at positions past.. and returns logits [T, V] on the CPU.
+async function forward(tokens) {
+  const t0 = performance.now();
+  const chunk = state.meta.prefill_chunk_size;
+  const vocab = state.meta.vocab_size;
+  const values = new Float32Array(tokens.length * vocab);
+  for (let i = 0; i < tokens.length; i += chunk) {
+    values.set(await forwardChunk(tokens.slice(i, i + chunk)), i * vocab);
+  }
   return { values, ms: performance.now() - t0 };
 }
 
