@@ -151,6 +151,11 @@ def test_webllm_engine_loads_the_artifact_and_generates_the_reference(exported_f
         text = runner.complete("The quick brown fox", 8)
     finally:
         runner.close()
+    runner = _target().load_for_run(out, manifest)  # what `edgeslm run` streams through
+    try:
+        streamed = [t for t, _ in runner.stream_greedy(prompt, 6)]
+    finally:
+        runner.close()
     with reference_only(), torch.no_grad():
         ref_tokens, ref_logits = generate_greedy(reference, prompt, 40)
         forced_logits, _ = reference(forced, 0, None)
@@ -160,6 +165,7 @@ def test_webllm_engine_loads_the_artifact_and_generates_the_reference(exported_f
         return (top[..., 0] - top[..., 1]) > 1e-4
 
     assert tokens.tolist() == ref_tokens[0].tolist()
+    assert streamed == ref_tokens[0].tolist()[:6]
     ok = decisive(forced_logits[0])
     agree = predicted == forced_logits[0].argmax(-1)
     assert bool(agree[ok].all()), (predicted.tolist(), forced_logits[0].argmax(-1).tolist())

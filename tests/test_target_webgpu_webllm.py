@@ -27,6 +27,9 @@ def test_metadata_names_the_engine_contract(gemma2_engine):
     meta = json.loads(eng.vm["_metadata"]())
     assert meta["kv_state_kind"] == "kv_cache" and meta["prefill_chunk_size"] == 16
     assert [p["name"] for p in meta["params"]][0] == "embed_tokens.weight"
+    usage = meta["memory_usage"]
+    assert usage["params_bytes"] == sum(4 * int(__import__("numpy").prod(p["shape"])) for p in meta["params"])
+    assert usage["kv_cache_bytes"] > 0 and usage["total_bytes"] > usage["params_bytes"]
     for fn in ("embed", "prefill", "decode", "create_tir_paged_kv_cache", "softmax_with_temperature",
                "argsort_probs", "sample_with_top_p", "apply_bitmask_inplace", "apply_penalty_inplace",
                "apply_logit_bias_inplace"):

@@ -129,7 +129,8 @@ def generate(folder, prompt: str, max_tokens: int, chat: bool = False, out=None)
     if reason:
         raise EdgeSLMError(f"cannot run {manifest['target']} artifacts here: {reason}")
     stops = stop_ids(tokenizer)
-    runner = target.load(folder, manifest)
+    # a target may generate through another runtime than verify's (webgpu: WebLLM's engine)
+    runner = (getattr(target, "load_for_run", None) or target.load)(folder, manifest)
     streamer = _Streamer(tokenizer, out)
     tokens, stopped = [], "max_tokens" if steps == max_tokens else "context"
     times = []

@@ -65,6 +65,13 @@ class WebGPUTarget(Target):
 
         return BrowserRunner(Path(folder))
 
+    def load_for_run(self, folder: Path, manifest: dict) -> Runner:
+        """`edgeslm run` generates through WebLLM's own engine (CreateMLCEngine); verify keeps the
+        tvmjs page, which returns logits."""
+        from .browser import WebLLMRunner
+
+        return WebLLMRunner(Path(folder))
+
     def parity_bounds(self, scheme) -> dict:
         # f32 compute on the GPU reorders sums (tiled reductions), so allow 1e-3 on logits as the
         # issue states; an f16 artifact is a different arithmetic and is only reported.

@@ -271,6 +271,16 @@ class WebLLMRunner(BrowserRunner):
 
     decode = prefill
 
+    def stream_greedy(self, prompt: torch.Tensor, steps: int):
+        """Yields (token, None) for up to `steps` greedy steps, one engine call each (the engine
+        keeps its logits on the GPU)."""
+        self._check_room(prompt.shape[1] + steps - 1)
+        token = self._call("begin", [int(t) for t in prompt.reshape(-1)])["token"]
+        for step in range(steps):
+            yield token, None
+            if step + 1 < steps:
+                token = self._call("step", int(token))["token"]
+
     def generate_greedy(self, prompt: torch.Tensor, steps: int):
         """Greedy tokens through the engine's forwardTokensAndSample (temperature 0)."""
         self._check_room(prompt.shape[1] + steps - 1)

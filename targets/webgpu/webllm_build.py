@@ -15,6 +15,20 @@ def model_type(spec) -> str:
     return spec.family
 
 
+def memory_usage(spec, params: dict, dtype: str, context: int, prefill_chunk: int) -> dict:
+    """GPU memory the library needs, in bytes: weights, the paged cache at full context, and an
+    upper bound of the activations live in one prefill chunk (f32 logits of every position
+    included, as prefill_all_logits returns them)."""
+    item = 2 if dtype == "float16" else 4
+    pages = (context + PAGE_SIZE - 1) // PAGE_SIZE + 1
+    kv = spec.num_layers * pages * 2 * spec.num_kv_heads * PAGE_SIZE * spec.head_dim * item
+    width = 4 * spec.hidden_size + 3 * spec.intermediate_size + (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * 2
+    act = prefill_chunk * (width * item + spec.vocab_size * 4)
+    weights = sum(int(a.nbytes) for a in params.values())
+    return {"params_bytes": weights, "kv_cache_bytes": kv, "prefill_activation_bytes": act,
+            "total_bytes": weights + kv + act}
+
+
 def webllm_module(decoder, dtype: str, context: int, target, gpu: bool, prefill_chunk: int, quant,
                   metadata_extra: dict | None = None):
     """-> (IRModule with every engine function, param names in order, params by name)."""
@@ -40,6 +54,7 @@ def webllm_module(decoder, dtype: str, context: int, target, gpu: bool, prefill_
         "tensor_parallel_shards": 1,
         "pipeline_parallel_stages": 1,
         "params": [{"name": n, "shape": list(params[n].shape), "dtype": str(params[n].dtype)} for n in names],
+        "memory_usage": memory_usage(decoder.spec, params, dtype, context, prefill_chunk),
     }
     meta.update(metadata_extra or {})
     mod = attach_metadata(mod, meta)

@@ -70,6 +70,18 @@ window.edgeslm = {
     }
     return { tokens, prefill_ms: prefillMs, decode_ms: decodeMs };
   },
+  // Streaming: the prompt's prefill returns the first token, each step the next one.
+  async begin(prompt) {
+    await state.engine.resetChat();
+    const t0 = performance.now();
+    const token = await state.engine.forwardTokensAndSample(prompt, true);
+    return { token, ms: performance.now() - t0 };
+  },
+  async step(token) {
+    const t0 = performance.now();
+    const next = await state.engine.forwardTokensAndSample([token], false);
+    return { token: next, ms: performance.now() - t0 };
+  },
   // The OpenAI-style completion API on a text prompt (tokenizer, conversation, stop handling).
   async complete(prompt, maxTokens) {
     const r = await state.engine.completions.create({
