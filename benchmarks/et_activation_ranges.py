@@ -11,7 +11,7 @@ of the tied lm_head) and reads Brown test perplexity for:
   range bins    one range per token and bin of input groups, the bins export uses
                 (targets/executorch.py: input_group_ranges + range_bins, the same calibration)
   per group     one range per token and group of 32: the finest split possible
-The scales are the reference's (already bf16-exact, see qformat.scale_grid). Prints a table or JSON.
+The scales are the reference's (already bf16-exact, see schemes.int4.scale_grid). Prints a table or JSON.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def rounded_by_groups(x: torch.Tensor, group_sets: list[torch.Tensor], group: in
 def main(argv=None):
     from edgeslm import data, evaluate
     from edgeslm.loading import load_model
-    from edgeslm.qformat import Int4Embedding, Int4Linear
+    from edgeslm.schemes.int4 import Int4Embedding, Int4Linear
     from edgeslm.quantizer import reference_folder
     from edgeslm.schemes import DEFAULT_SCHEME, get_scheme
     from edgeslm.targets.executorch import calibration_for, input_group_ranges, range_bins

@@ -123,11 +123,11 @@ def add_lora(model, cfg: FinetuneConfig):
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     from .model import Linear
-    from .qformat import Int4Linear, Int8Linear
+    from .schemes.base import QuantizedLinear
 
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
                       bias="none")
-    lcfg._register_custom_module({Linear: LoraLinear, Int4Linear: LoraLinear, Int8Linear: LoraLinear})
+    lcfg._register_custom_module({Linear: LoraLinear, QuantizedLinear: LoraLinear})
     for p in model.parameters():
         p.requires_grad_(False)
     try:
@@ -172,7 +172,8 @@ def merge_adapters(model):
     """Folds every adapter into a float Linear (dequantizing an int4/int8 base) and turns a
     quantized embedding back into a float one: the result is a plain float Decoder."""
     from .model import Embedding, Linear
-    from .qformat import Int4Embedding, Int8Embedding, _parent
+    from .qformat import _parent
+    from .schemes.base import QuantizedEmbedding, QuantizedLinear
 
     for name, layer in lora_layers(model).items():
         base = layer.get_base_layer()
@@ -186,12 +187,12 @@ def merge_adapters(model):
         parent, attr = _parent(model, name)
         setattr(parent, attr, new)
     for name, m in list(model.named_modules()):
-        if isinstance(m, (Int4Embedding, Int8Embedding)):
+        if isinstance(m, QuantizedEmbedding):
             table = Embedding(*m.dequantized().shape)
             table.weight = torch.nn.Parameter(m.dequantized(torch.float32))
             parent, attr = _parent(model, name) if "." in name else (model, name)
             setattr(parent, attr, table)
-        elif name and type(m).__name__ in ("Int4Linear", "Int8Linear"):  # an untargeted quantized linear
+        elif name and isinstance(m, QuantizedLinear):  # an untargeted quantized linear
             lin = Linear(m.in_features, m.out_features, m.bias is not None)
             lin.weight = torch.nn.Parameter(m.dequantized(torch.float32))
             if m.bias is not None:
@@ -440,13 +441,13 @@ def finetune(model_name, data, out, cfg: FinetuneConfig, merge: bool = False, re
         stop_processes(procs)
 
 
-def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, dtype, procs: Processes) -> dict:
-    from .artifact import atomic_folder
-    from .loading import load_model
-    from .quantizer import quantize_model
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _check_settings(out: Path, cfg, force, fsdp, dtype, procs: Processes):
+    """Refuses settings that cannot work, before any loading or writing; returns the QLoRA scheme."""
     from .schemes import get_scheme
 
-    out = Path(out)
     if out.exists() and not force:
         raise EdgeSLMError(f"{out} already exists; pass --force to replace it")
     for name, value, lo in (("rank", cfg.rank, 1), ("batch size", cfg.batch_size, 1),
@@ -455,85 +456,105 @@ def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, 
             raise EdgeSLMError(f"{name} must be at least {lo}")
     if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.temperature <= 0 or not 0.0 <= cfg.dropout < 1.0:
         raise EdgeSLMError("need 0 <= kd alpha <= 1, temperature > 0 and 0 <= dropout < 1")
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise EdgeSLMError(f"--dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise EdgeSLMError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     scheme = get_scheme(cfg.qlora) if cfg.qlora else None
-    if scheme is not None and scheme.bits != 4:
-        raise EdgeSLMError(f"--qlora needs an int4 scheme, not {scheme.name}")
+    if scheme is not None and not scheme.quantized:
+        raise EdgeSLMError(f"--qlora needs a quantized scheme, not {scheme.name}")
     if fsdp and not procs.distributed:
         raise EdgeSLMError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node N "
                            "(or accelerate launch) and N >= 2")
-    ckpt = out.with_name(out.name + ".checkpoint")
-    checkpoint = None
-    if resume:
-        # a launch killed between the two renames of _save_checkpoint left the previous one as .old
-        for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
-            if (candidate / "state.json").is_file():
-                checkpoint = _read_checkpoint(candidate, cfg, procs)  # refused before any training or writing
-                break
-    progress = progress and procs.main
-    torch.manual_seed(cfg.seed)
-    model, tok, folder = load_model(model_name, dtype=dtypes[dtype], allow_pickle=cfg.allow_pickle)
-    examples = load_examples(data, tok, cfg.seq_len)
+    return scheme
+
+
+def _resumable_checkpoint(ckpt: Path, cfg, procs: Processes):
+    # a launch killed between the two renames of _save_checkpoint left the previous one as .old
+    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return _read_checkpoint(candidate, cfg, procs)  # refused before any training or writing
+    return None
+
+
+def _prepare_models(model, tok, folder, cfg, dtype, scheme, procs: Processes, progress):
+    """(student with LoRA adapters, teacher or None, whether the student's base is quantized)."""
+    from .loading import load_model
+    from .qformat import is_quantized_folder
+    from .quantizer import quantize_model
+    from .schemes.base import QuantizedLinear
+
     teacher = None
     if cfg.teacher:
-        teacher, ttok, _ = load_model(cfg.teacher, dtype=dtypes[dtype], allow_pickle=cfg.allow_pickle)
+        teacher, ttok, _ = load_model(cfg.teacher, dtype=DTYPES[dtype], allow_pickle=cfg.allow_pickle)
         if teacher.spec.vocab_size != model.spec.vocab_size or ttok.get_vocab() != tok.get_vocab():
             raise EdgeSLMError(f"the teacher's vocabulary ({teacher.spec.vocab_size} tokens) differs from the "
                                f"student's ({model.spec.vocab_size}); distillation needs the same tokenizer")
         teacher.eval().to(procs.device)
     if scheme is not None:
-        from .qformat import is_quantized_folder
-
         if is_quantized_folder(folder):
             raise EdgeSLMError(f"{folder} is already quantized; drop --qlora (QLoRA runs over it as it is)")
         quantize_model(model, scheme, None if not scheme.needs_calibration else _calibration(tok), progress=progress)
-    quantized_base = any(type(m).__name__ in ("Int4Linear", "Int8Linear") for m in model.modules())
-    model = add_lora(model, cfg).to(procs.device)
+    quantized_base = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return add_lora(model, cfg).to(procs.device), teacher, quantized_base
+
+
+def _train_step(model, teacher, optimizer, examples, cfg, step, pad, procs: Processes, fsdp) -> float:
+    """One optimizer step over grad_accum micro-batches; returns the step's loss over all ranks."""
+    global_batch = cfg.batch_size * procs.world  # sequences per micro-batch over all ranks
+    optimizer.zero_grad(set_to_none=True)
+    # each rank takes its slice of every global micro-batch; the loss is the mean over every labelled
+    # token of the step (all micro-batches, all ranks), so N ranks x batch B == 1 rank x batch N*B
+    micro = [_batch(examples, cfg, step * cfg.grad_accum + m, global_batch) for m in range(cfg.grad_accum)]
+    step_tokens = sum(_labelled(b) for b in micro)
+    total = 0.0
+    for m, batch in enumerate(micro):
+        mine = batch[procs.rank * cfg.batch_size : (procs.rank + 1) * cfg.batch_size]
+        ids, labels = collate(mine, pad)
+        ids, labels = ids.to(procs.device), labels.to(procs.device)
+        n = _labelled(mine)
+        with _gradient_sync(model, procs, fsdp, last=m == cfg.grad_accum - 1):
+            logits = model(ids)[0]
+            if teacher is not None:
+                with torch.no_grad():
+                    tlogits = teacher(ids)[0]
+                loss, _ = distill_loss(logits, tlogits, labels, cfg.temperature, cfg.kd_alpha) if n else (None, None)
+            else:
+                loss = lm_loss(logits, labels) if n else None
+            # a rank whose slice has no label still joins the gradient reduction, with zero
+            weighted = loss * (n / step_tokens) if loss is not None else logits.sum() * 0.0
+            (weighted * procs.world).backward()  # DDP and FSDP average gradients over ranks
+        total += float(weighted.detach())
+    optimizer.step()
+    return procs.sum(total)
+
+
+def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, dtype, procs: Processes) -> dict:
+    from .artifact import atomic_folder
+    from .loading import load_model
+
+    out = Path(out)
+    scheme = _check_settings(out, cfg, force, fsdp, dtype, procs)
+    ckpt = out.with_name(out.name + ".checkpoint")
+    checkpoint = _resumable_checkpoint(ckpt, cfg, procs) if resume else None
+    progress = progress and procs.main
+    torch.manual_seed(cfg.seed)
+    model, tok, folder = load_model(model_name, dtype=DTYPES[dtype], allow_pickle=cfg.allow_pickle)
+    examples = load_examples(data, tok, cfg.seq_len)
+    model, teacher, quantized_base = _prepare_models(model, tok, folder, cfg, dtype, scheme, procs, progress)
     if procs.distributed:
         torch.manual_seed(cfg.seed + 1000 * procs.rank)  # each rank its own dropout masks, the same LoRA init
     model.train()
     trainable_count = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model = wrap_model(model, procs, fsdp)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
-    global_batch = cfg.batch_size * procs.world  # sequences per micro-batch over all ranks
-    per_step = global_batch * cfg.grad_accum
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    per_step = cfg.batch_size * procs.world * cfg.grad_accum
     steps = cfg.steps or max(1, math.ceil(len(examples) * cfg.epochs / per_step))
-    step, losses = 0, []
-    if checkpoint is not None:
-        step, losses = _apply_checkpoint(model, optimizer, checkpoint)
+    step, losses = _apply_checkpoint(model, optimizer, checkpoint) if checkpoint is not None else (0, [])
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     start = time.perf_counter()
     bar = tqdm(total=steps, initial=step, desc="finetune", unit="step", disable=not progress)
     while step < steps:
-        optimizer.zero_grad(set_to_none=True)
-        # each rank takes its slice of every global micro-batch; the loss is the mean over every labelled
-        # token of the step (all micro-batches, all ranks), so N ranks x batch B == 1 rank x batch N*B
-        micro = [_batch(examples, cfg, step * cfg.grad_accum + m, global_batch) for m in range(cfg.grad_accum)]
-        step_tokens = sum(_labelled(b) for b in micro)
-        total = 0.0
-        for m, batch in enumerate(micro):
-            mine = batch[procs.rank * cfg.batch_size : (procs.rank + 1) * cfg.batch_size]
-            ids, labels = collate(mine, pad)
-            ids, labels = ids.to(procs.device), labels.to(procs.device)
-            n = _labelled(mine)
-            with _gradient_sync(model, procs, fsdp, last=m == cfg.grad_accum - 1):
-                logits = model(ids)[0]
-                if teacher is not None:
-                    with torch.no_grad():
-                        tlogits = teacher(ids)[0]
-                    loss, _ = distill_loss(logits, tlogits, labels, cfg.temperature, cfg.kd_alpha) if n else (None, None)
-                else:
-                    loss = lm_loss(logits, labels) if n else None
-                # a rank whose slice has no label still joins the gradient reduction, with zero
-                weighted = loss * (n / step_tokens) if loss is not None else logits.sum() * 0.0
-                (weighted * procs.world).backward()  # DDP and FSDP average gradients over ranks
-            total += float(weighted.detach())
-        optimizer.step()
+        total = _train_step(model, teacher, optimizer, examples, cfg, step, pad, procs, fsdp)
         step += 1
-        total = procs.sum(total)
         losses.append(round(total, 5))
         bar.update(1)
         bar.set_postfix(loss=f"{total:.4f}")
@@ -554,7 +575,7 @@ def _finetune(model_name, data, out, cfg, merge, resume, force, progress, fsdp, 
         with atomic_folder(out, force=force) as tmp:
             save_file(adapters, tmp / "adapter.safetensors")
             if merge:
-                save_hf_folder(merge_adapters(_merge_base(model, adapters, model_name, cfg, scheme, dtypes[dtype],
+                save_hf_folder(merge_adapters(_merge_base(model, adapters, model_name, cfg, scheme, DTYPES[dtype],
                                                           fsdp)), tok, tmp)
             (tmp / "finetune.json").write_text(json.dumps(facts, indent=2))
     procs.barrier()

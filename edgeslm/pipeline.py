@@ -4,7 +4,7 @@
 A recipe is a small TOML file (every key optional):
 
     model = "smollm2-135m"            # a HF folder, a .gguf, or the embedded default
-    scheme = "q4g32-gptq"             # see edgeslm/schemes.py
+    scheme = "q4g32-gptq"             # see edgeslm/schemes/__init__.py
     targets = ["onnx", "executorch"]  # default: onnx, executorch, gguf where this machine can build them
     devices = ["host", "pixel-8"]     # default: host; a device no runner reaches is only estimated
     allow_estimates = false           # true: an estimate within budget (UNVERIFIED) does not fail deploy

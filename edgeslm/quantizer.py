@@ -4,7 +4,7 @@ Every method ends in the same tensors (int4 codes + fp16 scales [+ uint8 zeros],
 so every target reads the one format; AWQ's per-channel input scales are folded into the preceding
 norm or linear, so an AWQ checkpoint needs no extra runtime op.
 
- - rtn:  plain round-to-nearest on the grid of qformat.int4_grid_rtn (the baseline).
+ - rtn:  plain round-to-nearest on the grid of schemes.int4.int4_grid_rtn (the baseline).
  - gptq: layer by layer over calibration activations (inputs of each layer come from the already
          quantized layers before it), column-wise error feedback through the inverse Hessian
          (Frantar et al. 2022), columns in descending Hessian-diagonal order ("act order") with
@@ -15,7 +15,7 @@ norm or linear, so an AWQ checkpoint needs no extra runtime op.
 Written here (not taken from AutoGPTQ/AutoAWQ) because those packages need CUDA builds and their
 own packed layouts; this file is the algorithm only, over our Decoder and our format.
 
-The tied embedding / lm_head table is int4 in every q4 scheme (see schemes.py for the choice and
+The tied embedding / lm_head table is int4 in every q4 scheme (see schemes/__init__.py for the choice and
 its measured cost): for gptq and awq its groups get the clip search weighted by the final hidden
 states (what the lm_head sees), which keeps the row lookups plain round-to-nearest codes.
 """
@@ -29,11 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
-from .qformat import _parent, fill_int4, int4_grid_rtn, int8_grid_rtn, linear_names, quantized_module, scale_grid
+from .qformat import _parent, linear_names, quantized_module
 from .schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION  # noqa: F401 (re-exported)
+from .schemes.int4 import scale_grid
 
 CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/2"  # part of reference_folder's cache key
-SCALE_GRID = "scales fp16 and bf16-exact"  # qformat.scale_grid; part of reference_folder's cache key
+SCALE_GRID = "scales fp16 and bf16-exact"  # schemes.int4.scale_grid; part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
 AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
 AWQ_TOKENS = 1024  # tokens the AWQ scale search evaluates (a subsample of the calibration set)
@@ -56,16 +57,7 @@ def calibration_tokens(tokenizer, source: str = DEFAULT_CALIBRATION, samples: in
 
 def check_group_size(model, scheme):
     """Refuses (before any work) a group size that does not divide some K."""
-    if scheme.bits != 4:
-        return
-    g = scheme.group_size
-    for name in linear_names(model):
-        k = model.get_submodule(name).in_features
-        if k % g:
-            raise EdgeSLMError(f"{scheme.name}: group size {g} does not divide K = {k} of {name}")
-    dim = model.embed_tokens.weight.shape[1]
-    if dim % g:
-        raise EdgeSLMError(f"{scheme.name}: group size {g} does not divide the embedding width {dim}")
+    scheme.check_shapes(model)
 
 
 @torch.no_grad()
@@ -79,9 +71,9 @@ def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progr
     model.float()
     # Each module is replaced by its quantized one as soon as its grid is known, which frees its
     # float weight: quantizing never holds more than the float model and one layer's work.
-    if scheme.method == "rtn" or scheme.bits == 8:
+    if scheme.method == "rtn":
         for name in linear_names(model) + ["embed_tokens"]:
-            _swap_in(model, name, _rtn(model.get_submodule(name).weight, scheme), scheme)
+            _swap_in(model, name, scheme.rtn_grid(model.get_submodule(name).weight), scheme)
     elif scheme.method in ("gptq", "awq"):
         if calibration is None or calibration.numel() == 0:
             raise EdgeSLMError(f"{scheme.name} needs calibration text")
@@ -95,22 +87,8 @@ def _swap_in(model, name: str, grid, scheme):
     """Replaces the float module `name` by its quantized module holding `grid`."""
     parent, attr = _parent(model, name)
     module = quantized_module(getattr(parent, attr), scheme)
-    _fill(module, grid, scheme)
+    scheme.fill(module, grid)
     setattr(parent, attr, module)
-
-
-def _rtn(w, scheme):
-    if scheme.bits == 8:
-        return int8_grid_rtn(w.detach())
-    return int4_grid_rtn(w.detach(), scheme.group_size, scheme.symmetric)
-
-
-def _fill(module, grid, scheme):
-    if scheme.bits == 4:
-        fill_int4(module, *grid)
-    else:
-        module.qweight.copy_(grid[0])
-        module.scales.copy_(grid[1])
 
 
 # ---------------------------------------------------------------- int4 grids with a clip search

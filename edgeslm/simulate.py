@@ -47,7 +47,7 @@ def simulated(model, activations=None, cache_dtype: torch.dtype | None = None,
     `activations` (the tied lm_head's too), the KV cache kept in `cache_dtype`. With
     `compute_dtype`, it yields a copy of the model in that dtype instead (fp16 compute: every
     product, norm input and activation rounded), and `model` is left as it was. All restored on exit."""
-    from .qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+    from .schemes.base import QuantizedEmbedding, QuantizedLinear
     from .model import Linear
 
     if compute_dtype is not None:
@@ -57,9 +57,8 @@ def simulated(model, activations=None, cache_dtype: torch.dtype | None = None,
     hooks, patched, swapped = [], [], []
     try:
         if activations is not None:
-            embeddings = (Int4Embedding, Int8Embedding)
             for m in model.modules():
-                if isinstance(m, (Int4Linear, Int8Linear, Linear)) and not isinstance(m, embeddings):
+                if isinstance(m, (QuantizedLinear, Linear)) and not isinstance(m, QuantizedEmbedding):
                     hooks.append(m.register_forward_pre_hook(lambda mod, args: (activations(args[0]), *args[1:])))
             if model.lm_head is None:  # the tied lm_head multiplies the embedding table
                 table = model.embed_tokens

@@ -67,7 +67,7 @@ def int4_matmul_reference(x, qweight, scales, zeros, group_size: int):
 # FasterTransformer / Marlin magic-number trick, in fp32), for p = 0..4; one subtraction then leaves
 # code - zero exactly, and one multiplication by the fp16 scale (11 significant bits) is exact in fp32
 # too. Rounding that to the activation dtype is the reference's one rounding (our scales are on the
-# bf16 grid, see edgeslm.qformat.scale_grid, so bf16 holds them exactly as well).
+# bf16 grid, see edgeslm.schemes.int4.scale_grid, so bf16 holds them exactly as well).
 
 try:
     import triton

@@ -126,14 +126,14 @@ def float_shadow(model):
     """A float copy of `model` whose quantized modules became float ones holding the dequantized
     weights (exact in fp32), plus name -> quantized module, for re-packing after conversion."""
     from edgeslm.model import Embedding, Linear
-    from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+    from edgeslm.schemes.base import QuantizedEmbedding, QuantizedLinear
 
     shadow = copy.deepcopy(model).float()
     quantized = {}
     for name, m in list(shadow.named_modules()):
-        if isinstance(m, (Int4Embedding, Int8Embedding)):
+        if isinstance(m, QuantizedEmbedding):
             new = Embedding(m.out_features, m.in_features)
-        elif isinstance(m, (Int4Linear, Int8Linear)):
+        elif isinstance(m, QuantizedLinear):
             new = Linear(m.in_features, m.out_features, m.bias is not None)
             if m.bias is not None:
                 new.bias = nn.Parameter(m.bias.detach().float())
@@ -147,19 +147,15 @@ def float_shadow(model):
 
 
 def _packed_weight(m):
-    """A quantized module -> (data, scale, offset) for constexpr_blockwise_shift_scale, from OUR
-    codes: int4 codes as uint4 with the per-block zero (8 when symmetric) as offset; int8 as is."""
+    """A quantized module -> (data, scale, offset) for constexpr_blockwise_shift_scale, from the
+    scheme's own codes (its shift_scale hook); 4-bit codes and offsets in coremltools' uint4."""
     from coremltools.converters.mil.mil import types
 
-    from edgeslm.kernels.int4_matmul import unpack_int4
-    from edgeslm.qformat import Int4Linear
-
-    scale = m.scales.detach().numpy().astype(np.float16)
-    if isinstance(m, Int4Linear):
-        codes = unpack_int4(m.qweight).numpy().astype(types.np_uint4_dtype)
-        zeros = m.zeros.numpy() if m.zeros is not None else np.full(scale.shape, 8, np.uint8)
-        return codes, scale, zeros.astype(types.np_uint4_dtype)
-    return m.qweight.numpy().astype(np.int8), scale[:, None], None
+    w = m.shift_scale()
+    if not w.uint4:
+        return w.data, w.scale, w.offset
+    offset = None if w.offset is None else w.offset.astype(types.np_uint4_dtype)
+    return w.data.astype(types.np_uint4_dtype), w.scale, offset
 
 
 def _repack_pass(quantized: dict):
@@ -396,9 +392,7 @@ class CoreMLTarget(Target):
         return None
 
     def unsupported_reason(self, model, scheme):
-        if scheme.quantized and scheme.bits not in (4, 8):
-            return f"the Core ML target has no {scheme.bits}-bit weights"
-        return None
+        return scheme.target_reason("coreml")
 
     def parity_bounds(self, scheme) -> dict:
         """The fallback for a package without derived bounds (see derived_bounds): perplexity only."""

@@ -71,7 +71,7 @@ def torchao_int4_weight(module, groups: torch.Tensor) -> torch.Tensor:
     scales = module.scales[:, groups]
     codes = unpack_int4(qweight).to(torch.int16) - 8  # -8..7, W = code * scale
     # a zero scale (an all-zero group, e.g. Gemma's padding row, in checkpoints written before
-    # qformat.scale_grid clamped it) makes XNNPACK refuse the program at load: the same zeros as
+    # schemes.int4.scale_grid clamped it) makes XNNPACK refuse the program at load: the same zeros as
     # code 0 with the smallest fp16 scale
     dead = (scales == 0).repeat_interleave(g, dim=1)
     codes = torch.where(dead, torch.zeros_like(codes), codes)
@@ -91,7 +91,7 @@ def input_group_ranges(model, tokens: torch.Tensor) -> dict:
     """{int4 module: largest |input| per K group over `tokens` [S, T]}; the tied table's input is
     the final norm's output."""
     from ..ops import reference_only
-    from ..qformat import Int4Embedding, Int4Linear
+    from ..schemes.base import QuantizedEmbedding, QuantizedLinear
 
     largest = {}
 
@@ -100,8 +100,8 @@ def input_group_ranges(model, tokens: torch.Tensor) -> dict:
         largest[module] = torch.maximum(largest[module], a) if module in largest else a
 
     handles = [m.register_forward_pre_hook(lambda mod, args: keep(mod, args[0]))
-               for m in model.modules() if type(m) is Int4Linear]
-    if isinstance(model.embed_tokens, Int4Embedding) and model.lm_head is None:
+               for m in model.modules() if isinstance(m, QuantizedLinear) and not isinstance(m, QuantizedEmbedding)]
+    if isinstance(model.embed_tokens, QuantizedEmbedding) and model.lm_head is None:
         handles.append(model.norm.register_forward_hook(lambda mod, args, out: keep(model.embed_tokens, out)))
     try:
         with torch.no_grad(), reference_only():
@@ -120,7 +120,7 @@ def range_bins(group_max: torch.Tensor) -> list[torch.Tensor]:
     return [torch.nonzero(bins == b).flatten() for b in bins.unique()]
 
 
-class EtInt4Linear(nn.Module):
+class Linear8da4w(nn.Module):
     """One 8da4w linear per bin of input groups (all groups in one bin without calibration), summed."""
 
     def __init__(self, m, bins: list[torch.Tensor] | None = None):
@@ -141,7 +141,7 @@ class EtInt4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class EtInt4Embedding(nn.Module):
+class Embedding8da4w(nn.Module):
     """Row gather from our packed table (plain portable ops); project() is an 8da4w linear."""
 
     def __init__(self, m, bins: list[torch.Tensor] | None = None):
@@ -149,7 +149,7 @@ class EtInt4Embedding(nn.Module):
         self.group, self.dim = m.group_size, m.in_features
         self.register_buffer("qweight", m.qweight)
         self.register_buffer("scales", m.scales)
-        self.head = EtInt4Linear(m, bins)
+        self.head = Linear8da4w(m, bins)
 
     def forward(self, ids):
         rows = self.qweight[ids].float()  # [B, T, K/2] bytes as floats: unpack with exact float math
@@ -165,12 +165,13 @@ class EtInt4Embedding(nn.Module):
 
 def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
     """Swaps our int4 modules for 8da4w ones; with calibration tokens, each splits by range_bins."""
-    from ..qformat import Int4Embedding, Int4Linear, map_int4_modules
+    from ..qformat import map_quantized_modules
+    from ..schemes.base import QuantizedEmbedding, QuantizedLinear
 
     ranges = input_group_ranges(model, calibration) if calibration is not None else {}
     bins = {m: range_bins(r) for m, r in ranges.items()}
     layer_of = {m: name.split(".")[1] for name, m in model.named_modules()
-                if name.startswith("layers.") and isinstance(m, Int4Linear)}
+                if name.startswith("layers.") and isinstance(m, QuantizedLinear)}
     done = set()
 
     def linear(m):
@@ -178,11 +179,11 @@ def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
         if progress is not None and layer is not None and layer not in done:
             done.add(layer)
             progress(f"layer {int(layer) + 1}/{model.spec.num_layers}: int4 linears -> 8da4w weights")
-        return EtInt4Linear(m, bins.get(m))
+        return Linear8da4w(m, bins.get(m))
 
-    if progress is not None and any(isinstance(m, Int4Embedding) for m in model.modules()):
+    if progress is not None and any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
         progress("int4 table -> gather + 8da4w lm_head")
-    return map_int4_modules(model, linear, lambda m: EtInt4Embedding(m, bins.get(m)))
+    return map_quantized_modules(model, linear, lambda m: Embedding8da4w(m, bins.get(m)))
 
 
 def calibration_for(model, tokenizer, context: int) -> torch.Tensor:
@@ -236,7 +237,7 @@ def _fused_module(parts):
     """One Int4Linear (or float Linear) whose output rows are the parts' rows, in order; None when
     the parts differ in kind or layout."""
     from ..model import Linear
-    from ..qformat import Int4Linear
+    from ..schemes.int4 import Int4Linear
 
     kinds = {type(p) for p in parts}
     if len(kinds) != 1 or len({p.in_features for p in parts}) != 1 or len({p.bias is None for p in parts}) != 1:
@@ -355,9 +356,9 @@ class ExecuTorchTarget(Target):
         return None
 
     def unsupported_reason(self, model, scheme):
-        if scheme.quantized and (scheme.bits != 4 or not scheme.symmetric):
-            return (f"the executorch target maps symmetric int4 (XNNPACK's 4-bit blockwise kernels have no zero "
-                    f"points) and f32; not {scheme.name}")
+        reason = scheme.target_reason("executorch")
+        if reason:
+            return reason
         if not scheme.quantized and scheme.float_dtype != "float32":
             return f"the executorch target exports f32 or int4; not {scheme.name}"
         return None
@@ -398,7 +399,7 @@ class ExecuTorchTarget(Target):
                                    reference_key=ctx.reference or None)
             del reference
             _say(f"parity bounds from the 8da4w simulation: max |logit diff| {bounds['max_abs_logit']:.3g}")
-        bins_per_linear = [m.num_bins for m in model.modules() if isinstance(m, EtInt4Linear)]
+        bins_per_linear = [m.num_bins for m in model.modules() if isinstance(m, Linear8da4w)]
         kinds = swap_in_program_attention(model, context)
         llm_ops = any("custom_sdpa" in k for k in kinds)
         for kind, layers in kinds.items():

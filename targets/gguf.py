@@ -55,30 +55,7 @@ PRE_TOKENIZERS = {
 }
 
 
-# ---------------------------------------------------------------- tensor re-packing (exact)
-
-
-def q4_0_blocks(qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> np.ndarray:
-    """Our symmetric int4 (uint8 [N, K/2], fp16 [N, K/G]) -> Q4_0 bytes uint8 [N, K/32 * 18]."""
-    from edgeslm.kernels.int4_matmul import unpack_int4
-
-    codes = unpack_int4(qweight).numpy()  # [N, K], 0..15
-    n, k = codes.shape
-    blocks = codes.reshape(n, k // Q_BLOCK, 2, Q_BLOCK // 2)
-    qs = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)  # byte j: element j low, j + 16 high
-    d = np.repeat(scales.numpy().astype(np.float16), group_size // Q_BLOCK, axis=1)  # [N, K/32]
-    d = d.reshape(n, k // Q_BLOCK, 1).view(np.uint8)  # fp16 as 2 little-endian bytes
-    return np.concatenate((d, qs.astype(np.uint8)), axis=-1).reshape(n, -1)
-
-
-def q8_0_blocks(qweight: torch.Tensor, scales: torch.Tensor) -> np.ndarray:
-    """Our int8 per-row (int8 [N, K], fp16 [N]) -> Q8_0 bytes uint8 [N, K/32 * 34]."""
-    codes = qweight.numpy()
-    n, k = codes.shape
-    d = np.repeat(scales.numpy().astype(np.float16)[:, None], k // Q_BLOCK, axis=1)
-    d = d.reshape(n, k // Q_BLOCK, 1).view(np.uint8)
-    qs = codes.reshape(n, k // Q_BLOCK, Q_BLOCK).view(np.uint8)
-    return np.concatenate((d, qs), axis=-1).reshape(n, -1)
+# ---------------------------------------------------------------- tensor re-ordering (exact)
 
 
 def rope_interleave_rows(n_heads: int) -> callable:
@@ -120,9 +97,9 @@ class GGUFTarget(Target):
             return f"the gguf target supports the llama and qwen2 families, not {spec.family}"
         if spec.rotary_dim != spec.head_dim:
             return "the gguf target does not support partial rotary embeddings"
-        if scheme.quantized and scheme.bits == 4 and not scheme.symmetric:
-            return (f"{scheme.name}: asymmetric int4 has no exact GGUF type (Q4_1 rounds -zero*scale to fp16); "
-                    "use a symmetric scheme (q4g32-*) for GGUF")
+        reason = scheme.target_reason("gguf")
+        if reason:
+            return reason
         if scheme.quantized:
             ks = {spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim}
             bad = sorted(k for k in ks if k % Q_BLOCK)
@@ -190,7 +167,7 @@ class GGUFTarget(Target):
     def _add_tensors(self, writer, model, scheme, arch) -> dict:
         import gguf
 
-        from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+        from edgeslm.schemes.base import QuantizedLinear
 
         spec = model.spec
         f16 = scheme.name == "f16"
@@ -198,16 +175,8 @@ class GGUFTarget(Target):
 
         def put(name: str, module_or_tensor, rows=None):
             m = module_or_tensor
-            if isinstance(m, (Int4Linear, Int4Embedding)):
-                qweight, scales = m.qweight, m.scales
-                if rows is not None:
-                    qweight, scales = qweight[rows], scales[rows]
-                data, qtype = q4_0_blocks(qweight.cpu(), scales.cpu(), m.group_size), gguf.GGMLQuantizationType.Q4_0
-            elif isinstance(m, (Int8Linear, Int8Embedding)):
-                qweight, scales = m.qweight, m.scales
-                if rows is not None:
-                    qweight, scales = qweight[rows], scales[rows]
-                data, qtype = q8_0_blocks(qweight.cpu(), scales.cpu()), gguf.GGMLQuantizationType.Q8_0
+            if isinstance(m, QuantizedLinear):  # the scheme's own GGML encoding of its codes
+                data, qtype = m.ggml(rows)
             else:
                 t = m if isinstance(m, torch.Tensor) else m.weight
                 t = t.detach().cpu()
@@ -309,9 +278,7 @@ def _llama3_rope_factors(model) -> torch.Tensor | None:
 def _file_type(scheme) -> int:
     import gguf
 
-    if not scheme.quantized:
-        return gguf.LlamaFileType.MOSTLY_F16 if scheme.name == "f16" else gguf.LlamaFileType.ALL_F32
-    return gguf.LlamaFileType.MOSTLY_Q8_0 if scheme.bits == 8 else gguf.LlamaFileType.MOSTLY_Q4_0
+    return getattr(gguf.LlamaFileType, scheme.ggml_file_type())
 
 
 def _pre_tokenizer_key(tokenizer_json: dict) -> str | None:

@@ -37,7 +37,7 @@ DEFAULT_ACCURACY_LEVEL = 0
 
 EXACT_BOUNDS = {"max_abs_logit": 1e-3, "tokens_identical": True, "free_running_identical": True,
                 "free_running_min_prefix": None, "ppl_rel": 0.01,
-                "basis": "MatMulNBits accuracy_level 0 dequantizes our int4 codes exactly and accumulates in fp32; "
+                "basis": "MatMulNBits accuracy_level 0 dequantizes our codes exactly and accumulates in fp32; "
                         "every other op is fp32, so only summation order differs from the reference"}
 # accuracy_level 4 rounds each 32-value block of activations to int8 before the int4 x int8 dot products.
 ACCURACY_BOUNDS = {
@@ -156,12 +156,11 @@ class OnnxTarget(Target):
 
     def unsupported_reason(self, model, scheme):
         fam = model.spec.family
-        if scheme.quantized and scheme.bits != 4:
-            return f"onnx: {fam} with {scheme.name}: int8 weights have no MatMulNBits mapping here (int4 schemes and f32 do)"
+        reason = scheme.target_reason("onnx")
+        if reason:
+            return f"onnx: {fam}: {reason}"
         if not scheme.quantized and scheme.float_dtype != "float32":
             return f"onnx: {fam} with {scheme.name}: the graph is fp32 (onnxruntime's CPU kernels lack many fp16 ops)"
-        if scheme.quantized and scheme.group_size < 16 or scheme.quantized and scheme.group_size & (scheme.group_size - 1):
-            return f"onnx: {fam} with {scheme.name}: MatMulNBits needs a power-of-2 block size >= 16"
         s = model.spec
         if s.rotary_dim % 2:
             return f"onnx: {fam}: rotary_dim {s.rotary_dim} is odd; GroupQueryAttention/RotaryEmbedding cannot express it"

@@ -46,15 +46,6 @@ IO = {
 }
 
 
-def pack_zero_points(zeros: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, G] (0..15) -> uint8 [N, ceil(G/2)], two per byte, low nibble first (MatMulNBits,
-    GatherBlockQuantized)."""
-    n, groups = zeros.shape
-    if groups % 2:
-        zeros = torch.cat((zeros, torch.zeros(n, 1, dtype=torch.uint8)), dim=1)
-    return zeros[:, 0::2] | (zeros[:, 1::2] << 4)
-
-
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
@@ -105,9 +96,9 @@ class DecoderGraph:
     # ------------------------------------------------------------ building blocks
 
     def linear(self, x: str, mods: list, name: str) -> str:
-        """x @ [W_0; W_1; ...].T (+ bias): one MatMulNBits (int4) or MatMul (float) over the
+        """x @ [W_0; W_1; ...].T (+ bias): one MatMulNBits (quantized) or MatMul (float) over the
         modules' rows concatenated along N."""
-        from edgeslm.qformat import Int4Linear
+        from edgeslm.schemes.base import QuantizedLinear
 
         g = self.g
         n = sum(m.out_features for m in mods)
@@ -117,16 +108,19 @@ class DecoderGraph:
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach().float() if b is not None else torch.zeros(m.out_features)
                               for b, m in zip(biases, mods)])
-        if all(isinstance(m, Int4Linear) for m in mods):
-            gs = mods[0].group_size
-            b_name = g.init(f"{name}.qweight", _np(torch.cat([m.qweight for m in mods]).reshape(n, k // gs, gs // 2)))
-            scales = self._scales(g.init(f"{name}.scales", _np(torch.cat([m.scales for m in mods]))), name)
+        if all(isinstance(m, QuantizedLinear) for m in mods):
+            ws = [m.nbits() for m in mods]  # the scheme's own MatMulNBits encoding of its codes
+            if len({(w.bits, w.block_size, w.zero_points is None) for w in ws}) != 1:
+                raise ValueError(f"{name}: linears of different layouts cannot be packed together")
+            bits, bs = ws[0].bits, ws[0].block_size
+            b_name = g.init(f"{name}.qweight", _np(torch.cat([w.blob for w in ws])))
+            scales = self._scales(g.init(f"{name}.scales", _np(torch.cat([w.scales for w in ws]))), name)
             zp = ""
-            if mods[0].zeros is not None:
-                zp = g.init(f"{name}.zero_points", _np(torch.cat([pack_zero_points(m.zeros) for m in mods])))
-            return self._matmul_nbits(x, b_name, scales, zp, n, k, gs, name, bias)
-        if any(isinstance(m, Int4Linear) for m in mods):
-            raise ValueError(f"{name}: int4 and float linears cannot be packed together")
+            if ws[0].zero_points is not None:
+                zp = g.init(f"{name}.zero_points", _np(torch.cat([w.zero_points for w in ws])))
+            return self._matmul_nbits(x, b_name, scales, zp, n, k, bits, bs, name, bias)
+        if any(isinstance(m, QuantizedLinear) for m in mods):
+            raise ValueError(f"{name}: quantized and float linears cannot be packed together")
         w = torch.cat([m.weight.detach().float() for m in mods]).T
         y = g.op("MatMul", [x, g.init(f"{name}.weight_t", _np(w))], name)
         self._count("MatMul")
@@ -138,12 +132,12 @@ class DecoderGraph:
         # MatMulNBits wants scales in A's type; the fp16 file tensor is widened once at load
         return self.g.op("Cast", [fp16_name], f"{name}/scales_f32", to=1)
 
-    def _matmul_nbits(self, x, b_name, scales, zp, n, k, gs, name, bias=None) -> str:
+    def _matmul_nbits(self, x, b_name, scales, zp, n, k, bits, gs, name, bias=None) -> str:
         inputs = [x, b_name, scales, zp]
         if bias is not None:
             inputs += ["", self.g.init(f"{name}.bias", _np(bias))]
         self._count("MatMulNBits")
-        return self.g.op("MatMulNBits", inputs, name, domain=MS, K=k, N=n, bits=4, block_size=gs,
+        return self.g.op("MatMulNBits", inputs, name, domain=MS, K=k, N=n, bits=bits, block_size=gs,
                          accuracy_level=self.level)
 
     def _count(self, op):
@@ -185,26 +179,27 @@ class DecoderGraph:
 
     def embedding(self, ids: str) -> str:
         from edgeslm.model import Embedding
-        from edgeslm.qformat import Int4Embedding
+        from edgeslm.schemes.base import QuantizedEmbedding
 
         g, emb = self.g, self.m.embed_tokens
-        if isinstance(emb, Int4Embedding):
-            v, k, gs = emb.out_features, emb.in_features, emb.group_size
-            # one initializer for the gather and (tied) the lm_head, in MatMulNBits' [N, K/G, G/2]
+        if isinstance(emb, QuantizedEmbedding):
+            w = emb.nbits()
+            v, k, bits, gs = emb.out_features, emb.in_features, w.bits, w.block_size
+            # one initializer for the gather and (tied) the lm_head, in MatMulNBits' [N, K/G, G*bits/8]
             # shape; GatherBlockQuantized reads it as one block of G codes along the last axis
-            b_name = g.init("embed_tokens.qweight", _np(emb.qweight.reshape(v, k // gs, gs // 2)))
-            scales = self._scales(g.init("embed_tokens.scales", _np(emb.scales)), "embed_tokens")
+            b_name = g.init("embed_tokens.qweight", _np(w.blob))
+            scales = self._scales(g.init("embed_tokens.scales", _np(w.scales)), "embed_tokens")
             zp = ""
-            if emb.zeros is not None:
-                zp = g.init("embed_tokens.zero_points", _np(pack_zero_points(emb.zeros)))
-            self.table = (b_name, scales, zp, v, k, gs)
+            if w.zero_points is not None:
+                zp = g.init("embed_tokens.zero_points", _np(w.zero_points))
+            self.table = (b_name, scales, zp, v, k, bits, gs)
             blocks = g.op("Reshape", [scales, g.const([v, k // gs, 1])], "embed_tokens/scales_blocks")
             gzp = []
             if zp:  # one zero point per block: [V, K/G, 1] codes, packed along the (size-1) last axis
-                gzp = [g.init("embed_tokens.zero_points_blocks", _np(emb.zeros.reshape(v, k // gs, 1)))]
+                gzp = [g.init("embed_tokens.zero_points_blocks", _np(w.block_zero_points))]
             self._count("GatherBlockQuantized")
             h = g.op("GatherBlockQuantized", [b_name, ids, blocks] + gzp, "embed_tokens/gather",
-                     domain=MS, bits=4, block_size=gs, gather_axis=0, quantize_axis=2)
+                     domain=MS, bits=bits, block_size=gs, gather_axis=0, quantize_axis=2)
             h = g.op("Reshape", [h, g.const([0, 0, k])], "embed_tokens")
         elif isinstance(emb, Embedding):
             self.table = g.init("embed_tokens.weight", _np(emb.weight.detach().float()))
@@ -226,8 +221,8 @@ class DecoderGraph:
             wt = g.op("Transpose", [self.table], "lm_head/transpose", perm=[1, 0])
             self._count("MatMul")
             return g.op("MatMul", [h, wt], "lm_head")
-        b_name, scales, zp, v, k, gs = self.table
-        return self._matmul_nbits(h, b_name, scales, zp, v, k, gs, "lm_head")
+        b_name, scales, zp, v, k, bits, gs = self.table
+        return self._matmul_nbits(h, b_name, scales, zp, v, k, bits, gs, "lm_head")
 
     def rope_caches(self):
         """cos/sin [context, rotary_dim/2] per rope table, from the decoder's own rope()."""

@@ -15,7 +15,7 @@ from tiny import tiny_pair
 from edgeslm.errors import EdgeSLMError
 from edgeslm.finetune import FinetuneConfig, add_lora, finetune, load_adapters
 from edgeslm.loading import load_model
-from edgeslm.qformat import Int4Linear
+from edgeslm.schemes.int4 import Int4Linear
 
 EDGESLM = [sys.executable, "-m", "edgeslm.cli.main"]
 TEXT = "\n".join(f"Line {i}: the cat sat on the mat and then the dog ran to the park." for i in range(48))

@@ -70,7 +70,7 @@ def artifacts(tiny):
 
 
 def test_torchao_weight_is_our_int4():
-    from edgeslm.qformat import Int4Linear, fill_int4, int4_grid_rtn
+    from edgeslm.schemes.int4 import Int4Linear, fill_int4, int4_grid_rtn
     from edgeslm.targets.executorch import torchao_int4_weight
 
     torch.manual_seed(0)
@@ -95,14 +95,14 @@ def test_range_bins_split_large_inputs_from_small():
 def test_sliced_linear_sums_its_slices():
     """A linear split by input-group bins computes the unsplit function (checked without the
     dynamic activation quantization, which is what the split changes)."""
-    from edgeslm.qformat import Int4Linear, fill_int4, int4_grid_rtn
-    from edgeslm.targets.executorch import EtInt4Linear
+    from edgeslm.schemes.int4 import Int4Linear, fill_int4, int4_grid_rtn
+    from edgeslm.targets.executorch import Linear8da4w
 
     torch.manual_seed(0)
     m = Int4Linear(96, 16, 32, True, bias=True)
     fill_int4(m, *int4_grid_rtn(torch.randn(16, 96), 32, True))
     m.bias.data.normal_()
-    sliced = EtInt4Linear(m, [torch.tensor([0, 2]), torch.tensor([1])])
+    sliced = Linear8da4w(m, [torch.tensor([0, 2]), torch.tensor([1])])
     x = torch.randn(3, 96)
     y = sum(x.index_select(-1, getattr(sliced, f"channels_{i}")) @ getattr(sliced, f"weight_{i}").dequantize().T
             for i in range(sliced.num_bins)) + m.bias

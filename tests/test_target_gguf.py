@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from edgeslm.errors import EdgeSLMError
-from edgeslm.qformat import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear
+from edgeslm.schemes.base import QuantizedLinear
 from edgeslm.quantizer import quantize_model
 from edgeslm.schemes import get_scheme
 from edgeslm.targets.base import ExportContext
@@ -59,7 +59,7 @@ def reference_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _weight(m):
-    if isinstance(m, (Int4Linear, Int4Embedding, Int8Linear, Int8Embedding)):
+    if isinstance(m, QuantizedLinear):
         return m.dequantized()
     return m.weight.detach()
 

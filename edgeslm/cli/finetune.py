@@ -71,7 +71,7 @@ def run(args) -> int:
     emit(facts, args.json, lambda r: print(
         f"{r['steps']} steps over {r['examples']} examples in {r['seconds']} s"
         f"{' on ' + str(r['processes']) + ' processes (' + r['parallel'].upper() + ')' if r['parallel'] else ''}"
-        f"{' (QLoRA over the int4 base)' if r['qlora'] else ''}{' distilled from ' + r['teacher'] if r['teacher'] else ''}: "
+        f"{' (QLoRA over the quantized base)' if r['qlora'] else ''}{' distilled from ' + r['teacher'] if r['teacher'] else ''}: "
         f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}; {r['trainable_parameters']:,} trainable parameters\n"
         f"wrote {r['out']}{' (merged float model)' if r['merged'] else ' (adapters)'}"))
     return 0

@@ -26,13 +26,13 @@ WASM_HOST = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
 
 def quant_of(decoder) -> dict | None:
     """int4 settings shared by every quantized module; None for a float model."""
-    from edgeslm.qformat import Int4Linear, Int8Linear
+    from edgeslm.schemes.base import QuantizedLinear
 
-    mods = [m for m in decoder.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    mods = [m for m in decoder.modules() if isinstance(m, QuantizedLinear)]
     if not mods:
         return None
-    if any(isinstance(m, Int8Linear) for m in mods):
-        raise EdgeSLMError("the webgpu target maps int4 and float weights; int8 (q8c) is not supported")
+    if any(not hasattr(m, "group_size") for m in mods):  # unsupported_reason refuses such schemes first
+        raise EdgeSLMError("the webgpu target maps int4 and float weights only")
     groups = {m.group_size for m in mods}
     sym = {m.zeros is None for m in mods}
     if len(groups) != 1 or len(sym) != 1:

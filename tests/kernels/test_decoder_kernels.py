@@ -97,7 +97,7 @@ def test_tiny_gemma2_kernels_match_reference(quantized):
 def test_tiny_gemma2_bf16_on_cuda():
     """bf16 on the GPU: the kernels' error against the fp32 reference is no worse than the bf16
     reference's own (both round the same tensors; only accumulation order differs). Float weights
-    only: an int4 model does not run in bf16 yet (qformat.Int4Embedding returns fp32 rows)."""
+    only: an int4 model does not run in bf16 yet (schemes.int4.Int4Embedding returns fp32 rows)."""
     model = tiny_gemma2(False)
     prompt = torch.randint(0, model.spec.vocab_size, (2, 13), device="cuda")
     with ops.reference_only():

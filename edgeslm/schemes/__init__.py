@@ -1,0 +1,61 @@
+"""The one table of quantization schemes. Every verb and every target looks schemes up here.
+
+A name says everything that is quantized and how:
+  f32 / f16           nothing quantized; weights in that float type
+  q8c                 every decoder linear int8 per output channel (symmetric, fp16 scale);
+                      the embedding (and a tied lm_head with it) int8 per row
+  q4g{G}-{method}     every decoder linear int4, groups of G along K, symmetric (zero 8);
+                      the embedding (and a tied lm_head with it) int4 g{G}: round-to-nearest for
+                      rtn; for gptq/awq round-to-nearest codes whose per-group range is chosen by
+                      a clip search weighted by the final hidden states (what the tied lm_head
+                      multiplies), which keeps row lookups plain RTN codes;
+                      an untied lm_head int4 by the same method as the linears
+  q4g{G}a-{method}    the same with asymmetric groups (an integer zero point per group)
+Norms, biases and RoPE tables always stay float (they are a few KB).
+
+Each kind of weights is one module of this package (see base.py for what a scheme provides);
+SCHEME_MODULES lists them; each module's schemes() returns its schemes, and its NAMES spells
+their names for an error message.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import EdgeSLMError
+from .base import Scheme
+
+SCHEME_MODULES = (
+    "floating",
+    "int8",
+    "int4",
+)
+
+
+def _build() -> tuple[dict[str, Scheme], str]:
+    table, names = {}, []
+    for module in SCHEME_MODULES:
+        kind = importlib.import_module(f"{__name__}.{module}")
+        table.update({scheme.name: scheme for scheme in kind.schemes()})
+        names.append(kind.NAMES)
+    return table, ", ".join(names)
+
+
+SCHEMES: dict[str, Scheme]
+SCHEMES, _KNOWN = _build()
+DEFAULT_SCHEME = "q4g32-gptq"
+
+# Calibration of GPTQ / AWQ. 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30
+# layers costs about three CPU minutes (two forward passes per layer dominate); the published
+# GPTQ/AWQ recipes use 128 x 2048 on a GPU, which on this 2-core machine would take hours.
+# --samples raises it.
+DEFAULT_CALIBRATION = "brown:train"
+CALIBRATION_SAMPLES = 8
+CALIBRATION_LENGTH = 512
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise EdgeSLMError(f"unknown scheme {name!r}; known: {_KNOWN}") from None
