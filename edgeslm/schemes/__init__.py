@@ -29,6 +29,7 @@ SCHEME_MODULES = (
     "floating",
     "int8",
     "int4",
+    "int8_groups",
 )
 
 
