@@ -66,6 +66,7 @@ def _weight(m):
 
 @pytest.mark.parametrize("family,scheme_name,qtype", [
     ("llama", "q4g32-rtn", "Q4_0"), ("qwen2", "q4g64-rtn", "Q4_0"), ("llama3", "q8c", "Q8_0"), ("llama", "f32", "F32"),
+    ("qwen2", "q8g32", "Q8_0"),
 ])
 def test_gguf_holds_our_weights_exactly(tmp_path, family, scheme_name, qtype):
     import gguf
