@@ -443,32 +443,20 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use attention_reference")
+    out = _checked_out(q, k, v, q_pos, k_pos, out)
     b, hq, t, d = q.shape
-    bk, hkv, s, dk = k.shape
-    if v.shape != k.shape or bk != b or dk != d or hq % hkv:
-        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
-    if q_pos.shape != (t,) or k_pos.shape != (s,):
-        raise ValueError(f"attention: q_pos {tuple(q_pos.shape)} / k_pos {tuple(k_pos.shape)} must be [T] / [S]")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    hkv, s = k.shape[1], k.shape[2]
+    if b * hq * t == 0:
+        return out
     group = hq // hkv
     head_dim = max(16, _next_pow2(d))
     rows = t * group
-    if out is None:
-        out = torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError(f"attention: out {tuple(out.shape)} {out.dtype} must match q")
-    if b * hq * t == 0:
-        return out
-    interp = _interpreting()
     decode = rows <= 16
     cfg = _launch_blocks(q.dtype, head_dim, rows, s, decode)
     block_m, block_n = block_m or cfg[0], block_n or cfg[1]
     num_warps, num_stages = num_warps or cfg[2], num_stages or cfg[3]
     if decode:
         block_m = max(16, _next_pow2(rows))
-    n_m = triton.cdiv(rows, block_m)
-    n_blocks = triton.cdiv(s, block_n)
     q_pos = q_pos.to(device=q.device, dtype=torch.int64).contiguous()
     k_pos = k_pos.to(device=q.device, dtype=torch.int64).contiguous()
     if softcap is not None:
@@ -478,24 +466,55 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     common = dict(HQ=hq, HKV=hkv, GROUP=group, HEAD_DIM=head_dim, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
                   HAS_SOFTCAP=softcap is not None, HAS_WINDOW=window is not None, COUNT_BLOCKS=block_stats is not None,
                   DOT_MODE=dot_mode(q.dtype), NUM_STAGES=num_stages, num_warps=num_warps, num_stages=num_stages)
+    scalars = (c_scale, c_cap, int(window or 0))
     if not decode:
-        ranges = live_kv_ranges(q_pos, k_pos, group, block_m, block_n, n_m, window) if kv_ranges is None else kv_ranges
-        if ranges.shape != (n_m, 4):
-            raise ValueError(f"attention: kv_ranges {tuple(ranges.shape)} do not fit {n_m} query blocks")
-        stats = torch.zeros(b * hkv * n_m, dtype=torch.int32, device=q.device) if block_stats is not None else out
-        _attn_prefill_kernel[(n_m, b * hkv)](
-            q, k, v, q_pos, k_pos, out, stats, ranges,
-            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-            t, s, c_scale, c_cap, int(window or 0), **common,
-        )
-        if block_stats is not None:
-            block_stats.append(stats.view(b * hkv, n_m))
-        return out
-    dec = decode_constants(b, hkv, rows, n_blocks, block_n, head_dim, _sm_count(q.device),
-                           1 if interp and num_splits is None else num_splits)
+        return _launch_prefill(q, k, v, q_pos, k_pos, out, common, scalars, window, block_stats, kv_ranges)
+    return _launch_decode(q, k, v, q_pos, k_pos, out, common, scalars, block_stats, num_splits)
+
+
+def _checked_out(q, k, v, q_pos, k_pos, out):
+    """Refuses shapes that do not fit; returns the output tensor to write (out, or a new one)."""
+    b, hq, t, d = q.shape
+    bk, hkv, s, dk = k.shape
+    if v.shape != k.shape or bk != b or dk != d or hq % hkv:
+        raise ValueError(f"attention: shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit")
+    if q_pos.shape != (t,) or k_pos.shape != (s,):
+        raise ValueError(f"attention: q_pos {tuple(q_pos.shape)} / k_pos {tuple(k_pos.shape)} must be [T] / [S]")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if out is None:
+        return torch.empty(b, hq, t, d, dtype=q.dtype, device=q.device)
+    if out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError(f"attention: out {tuple(out.shape)} {out.dtype} must match q")
+    return out
+
+
+def _launch_prefill(q, k, v, q_pos, k_pos, out, common, scalars, window, block_stats, kv_ranges):
+    b, t, s, hkv = q.shape[0], q.shape[2], k.shape[2], common["HKV"]
+    n_m = triton.cdiv(t * common["GROUP"], common["BLOCK_M"])
+    if kv_ranges is None:
+        kv_ranges = live_kv_ranges(q_pos, k_pos, common["GROUP"], common["BLOCK_M"], common["BLOCK_N"], n_m, window)
+    if kv_ranges.shape != (n_m, 4):
+        raise ValueError(f"attention: kv_ranges {tuple(kv_ranges.shape)} do not fit {n_m} query blocks")
+    stats = torch.zeros(b * hkv * n_m, dtype=torch.int32, device=q.device) if block_stats is not None else out
+    _attn_prefill_kernel[(n_m, b * hkv)](
+        q, k, v, q_pos, k_pos, out, stats, kv_ranges,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        t, s, *scalars, **common,
+    )
+    if block_stats is not None:
+        block_stats.append(stats.view(b * hkv, n_m))
+    return out
+
+
+def _launch_decode(q, k, v, q_pos, k_pos, out, common, scalars, block_stats, num_splits):
+    b, t, s, hkv = q.shape[0], q.shape[2], k.shape[2], common["HKV"]
+    n_blocks = triton.cdiv(s, common["BLOCK_N"])
+    dec = decode_constants(b, hkv, t * common["GROUP"], n_blocks, common["BLOCK_N"], common["HEAD_DIM"],
+                           _sm_count(q.device), 1 if _interpreting() and num_splits is None else num_splits)
     num_splits, merge_rows = dec["NUM_SPLITS"], dec["ROWS"]
     if num_splits > 1:
-        part = torch.empty(num_splits * b * hkv * merge_rows, head_dim, dtype=torch.float32, device=q.device)
+        part = torch.empty(num_splits * b * hkv * merge_rows, common["HEAD_DIM"], dtype=torch.float32, device=q.device)
         lse = torch.empty(num_splits * b * hkv * merge_rows, dtype=torch.float32, device=q.device)
         tickets = split_tickets(q.device, b * hkv)
     else:
@@ -504,7 +523,7 @@ def attention(q, k, v, q_pos, k_pos, *, scale, softcap=None, window=None,
     _attn_decode_kernel[(b * hkv, num_splits)](
         q, k, v, q_pos, k_pos, out, part, lse, tickets, stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        t, s, n_blocks, c_scale, c_cap, int(window or 0), **dec, **common,
+        t, s, n_blocks, *scalars, **dec, **common,
     )
     if block_stats is not None:
         block_stats.append(stats.view(num_splits, b * hkv, 1))
