@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import qformat
 from .config import spec_from_hf_config
 from .errors import EdgeSLMError
 from .model import Decoder
@@ -178,9 +179,7 @@ def load_tokenizer(folder: Path):
 def load_model(name_or_path=None, dtype=torch.float32, allow_pickle: bool = False, with_tokenizer: bool = True):
     """-> (Decoder in eval mode, tokenizer or None, resolved folder)."""
     folder = resolve_model_path(name_or_path)
-    from .qformat import is_quantized_folder, load_quantized
-
-    if is_quantized_folder(folder):
+    if qformat.is_quantized_folder(folder):
         model, _ = load_quantized(folder, dtype)
         return model, (load_tokenizer(folder) if with_tokenizer else None), folder
     cfg = read_hf_config(folder)
@@ -188,6 +187,38 @@ def load_model(name_or_path=None, dtype=torch.float32, allow_pickle: bool = Fals
     model = build_decoder(cfg, read_hf_state_dict(folder, allow_pickle), dtype)
     tok = load_tokenizer(folder) if with_tokenizer else None
     return model, tok, folder
+
+
+def load_quantized(folder: Path, dtype=torch.float32):
+    """A quantized checkpoint folder -> Decoder with int4/int8 modules, ready to run."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .schemes import get_scheme
+
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "quant.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeSLMError(f"{folder / 'quant.json'} is not readable ({e})") from None
+    if meta.get("format") != qformat.FORMAT:
+        raise EdgeSLMError(f"{folder} is not an {qformat.FORMAT} checkpoint")
+    scheme = get_scheme(meta["scheme"])
+    model = build_decoder(read_hf_config(folder), None, dtype)
+    qformat.swap_modules(model, scheme)
+    try:
+        state = load_file(folder / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise EdgeSLMError(f"{folder / 'model.safetensors'} is not a valid safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.json
+        raise EdgeSLMError(f"{folder} does not fit its config: {str(e).strip().splitlines()[-1].strip()[:300]}") from None
+    if missing or unexpected:
+        raise EdgeSLMError(f"{folder} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, t in model.named_parameters():
+        t.data = t.data.to(dtype)
+    return model.eval(), scheme
 
 
 # ---------------------------------------------------------------- GGUF

@@ -326,3 +326,8 @@ def count_parameters(model: nn.Module) -> int:
 def causal_lm_loss(logits, tokens):
     """Mean next-token cross-entropy in fp32."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
+def linear_names(model) -> list[str]:
+    """Every decoder linear (attention and MLP projections, and an untied lm_head)."""
+    return [name for name, m in model.named_modules() if isinstance(m, Linear)]

@@ -1,4 +1,4 @@
-"""The one quantized checkpoint format: module swapping, saving and loading.
+"""The one quantized checkpoint format: module swapping and saving (loading.py reads it back).
 
 A quantized checkpoint is a folder:
   config.json        the transformers config of the source model
@@ -18,25 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from .errors import EdgeSLMError
+from .model import Embedding, linear_names
 from .schemes.base import QuantizedEmbedding, QuantizedLinear
 
 FORMAT = "edgeslm-quant/1"
 
 
-def linear_names(model) -> list[str]:
-    """Every decoder linear (attention and MLP projections, and an untied lm_head)."""
-    from .model import Linear
-
-    return [name for name, m in model.named_modules() if isinstance(m, Linear)]
-
-
 def quantized_module(old, scheme):
     """An empty quantized module for `scheme` in place of a float Linear or Embedding (bias kept)."""
-    from .model import Embedding
-
     if isinstance(old, Embedding):
         return scheme.embedding_module(*old.weight.shape)
     new = scheme.linear_module(old.in_features, old.out_features, old.bias is not None)
@@ -47,8 +36,6 @@ def quantized_module(old, scheme):
 
 def swap_modules(model, scheme) -> list[str]:
     """Replaces float modules by empty quantized ones for `scheme`; returns the swapped names."""
-    from .model import Embedding
-
     names = linear_names(model) + (["embed_tokens"] if isinstance(model.embed_tokens, Embedding) else [])
     for name in names:
         parent, attr = _parent(model, name)
@@ -102,36 +89,3 @@ def save_quantized(model, scheme, out: Path, tokenizer=None, extra: dict | None 
 
 def is_quantized_folder(folder: Path) -> bool:
     return (Path(folder) / "quant.json").is_file()
-
-
-def load_quantized(folder: Path, dtype=torch.float32):
-    """A quantized checkpoint folder -> Decoder with int4/int8 modules, ready to run."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from .loading import build_decoder, read_hf_config
-    from .schemes import get_scheme
-
-    folder = Path(folder)
-    try:
-        meta = json.loads((folder / "quant.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise EdgeSLMError(f"{folder / 'quant.json'} is not readable ({e})") from None
-    if meta.get("format") != FORMAT:
-        raise EdgeSLMError(f"{folder} is not an {FORMAT} checkpoint")
-    scheme = get_scheme(meta["scheme"])
-    model = build_decoder(read_hf_config(folder), None, dtype)
-    swap_modules(model, scheme)
-    try:
-        state = load_file(folder / "model.safetensors")
-    except (SafetensorError, OSError) as e:
-        raise EdgeSLMError(f"{folder / 'model.safetensors'} is not a valid safetensors file ({e})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that disagree with config.json
-        raise EdgeSLMError(f"{folder} does not fit its config: {str(e).strip().splitlines()[-1].strip()[:300]}") from None
-    if missing or unexpected:
-        raise EdgeSLMError(f"{folder} does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, t in model.named_parameters():
-        t.data = t.data.to(dtype)
-    return model.eval(), scheme

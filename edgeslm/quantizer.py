@@ -29,7 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import EdgeSLMError
-from .qformat import _parent, linear_names, quantized_module
+from .model import linear_names
+from .qformat import _parent, quantized_module
 from .schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION  # noqa: F401 (re-exported)
 from .schemes.int4 import scale_grid
 

@@ -14,7 +14,8 @@ from tiny import tiny_pair
 
 from edgeslm.errors import EdgeSLMError
 from edgeslm.model import Norm
-from edgeslm.qformat import load_quantized, save_quantized
+from edgeslm.loading import load_quantized
+from edgeslm.qformat import save_quantized
 from edgeslm.schemes.int4 import int4_grid_rtn
 from edgeslm.kernels.int4_matmul import dequantize_int4, pack_int4
 from edgeslm.quantizer import _fold_into_norm, awq_scales, clipped_rtn, gptq, quantize_model

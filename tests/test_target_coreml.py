@@ -122,7 +122,7 @@ def test_int4_package_is_our_codes(int4_artifact, tiny_folder):
     assert facts["compressed_weights"] == {"constexpr_blockwise_shift_scale:uint4": 2 * (n_linear + 1)}
     assert facts["op_inventory"]["linear"] == 2 * (n_linear + 1)
     # the codes and scales in the package are the checkpoint's, byte for byte
-    from edgeslm.qformat import load_quantized
+    from edgeslm.loading import load_quantized
     from edgeslm.kernels.int4_matmul import unpack_int4
     from edgeslm.targets.coreml_executor import load_program
 

@@ -163,7 +163,7 @@ class Int4Groups(Scheme):
         return None
 
     def check_shapes(self, model) -> None:
-        from ..qformat import linear_names
+        from ..model import linear_names
 
         g = self.group_size
         for name in linear_names(model):

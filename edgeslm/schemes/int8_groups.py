@@ -78,7 +78,7 @@ class Int8Groups(Scheme):
         return f"{self.name}: int8 in groups has no {target} lowering (gguf, onnx and coreml carry it)"
 
     def check_shapes(self, model) -> None:
-        from ..qformat import linear_names
+        from ..model import linear_names
 
         widths = {name: model.get_submodule(name).in_features for name in linear_names(model)}
         widths["embed_tokens"] = model.embed_tokens.weight.shape[1]

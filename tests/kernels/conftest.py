@@ -2,7 +2,7 @@
 compiled kernels on CUDA tensors where there is one (the same tests, see DEVICE in each file).
 
 TRITON_INTERPRET must be set before a @triton.jit function is decorated, i.e. before the kernel
-modules are imported. If another test module imported them first (edgeslm.qformat imports
+modules are imported. If another test module imported them first (edgeslm.schemes.int4 imports
 int4_matmul), they are reloaded here so their kernels are decorated as interpreted functions.
 """
 
