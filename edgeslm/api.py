@@ -17,8 +17,7 @@ from .results import Artifact, Checkpoint, CheckReport, DeployReport, VerifyRepo
 
 def load(model=None, *, dtype: str = "fp32", allow_pickle: bool = False):
     """An HF folder, a .gguf, a quantized checkpoint or 'smollm2-135m' -> (Decoder, tokenizer)."""
-    from .cli.common import torch_dtype
-    from .loading import load_model
+    from .loading import load_model, torch_dtype
 
     decoder, tokenizer, _ = load_model(model, dtype=torch_dtype(dtype), allow_pickle=allow_pickle)
     return decoder, tokenizer

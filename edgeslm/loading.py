@@ -176,6 +176,14 @@ def load_tokenizer(folder: Path):
         raise EdgeSLMError(f"cannot load a tokenizer from {folder} ({type(e).__name__}: {e})") from None
 
 
+def torch_dtype(name: str) -> torch.dtype:
+    """'fp32' | 'fp16' | 'bf16' (the CLI's --dtype names) -> the torch dtype."""
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise EdgeSLMError(f"dtype must be one of {', '.join(dtypes)}, not {name!r}")
+    return dtypes[name]
+
+
 def load_model(name_or_path=None, dtype=torch.float32, allow_pickle: bool = False, with_tokenizer: bool = True):
     """-> (Decoder in eval mode, tokenizer or None, resolved folder)."""
     folder = resolve_model_path(name_or_path)

@@ -10,12 +10,6 @@ from ..console import human_bytes, table  # noqa: F401  (the verbs' output helpe
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
 def add_model_argument(parser, required: bool = False):
     parser.add_argument(
         "model",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import EdgeSLMError
 from ..evaluate import DEFAULT_CONTEXT, DEFAULT_TOKENS
-from .common import DTYPE_NAMES, add_json_argument, add_model_argument, emit, torch_dtype
+from .common import DTYPE_NAMES, add_json_argument, add_model_argument, emit
 
 HELP = "perplexity of a model on the Brown corpus (default: test split) or a text/JSONL file"
 
@@ -23,7 +23,7 @@ def run(args) -> int:
 
     from ..data import load_eval_text
     from ..evaluate import decoder_logits_fn, eval_tokens, perplexity, text_prefix
-    from ..loading import load_model
+    from ..loading import load_model, torch_dtype
 
     if args.tokens < 2 or args.context < 2:
         raise EdgeSLMError(f"--tokens and --context must be at least 2 (got {args.tokens}, {args.context})")
