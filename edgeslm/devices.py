@@ -66,7 +66,8 @@ class Profile:
                 "budgets": dict(self.budgets), "sources": list(self.sources), "path": self.path}
 
 
-def _read_toml(path: Path, what: str) -> dict:
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file -> dict; an unreadable or invalid one is one line naming `what` it was."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
@@ -140,7 +141,7 @@ def load_profiles(extra_dirs=()) -> dict[str, Profile]:
         if not d.is_dir():
             raise EdgeSLMError(f"device profile folder {d} does not exist")
         for path in sorted(d.glob("*.toml")):
-            p = parse_profile(_read_toml(path, "device profile"), path)
+            p = parse_profile(read_toml(path, "device profile"), path)
             profiles[p.name] = p
     return profiles
 
@@ -149,7 +150,7 @@ def get_profile(name: str, extra_dirs=()) -> Profile:
     """A profile by name, or by path to a .toml file."""
     if name.endswith(".toml") or os.sep in name:
         path = Path(name)
-        return parse_profile(_read_toml(path, "device profile"), path)
+        return parse_profile(read_toml(path, "device profile"), path)
     profiles = load_profiles(extra_dirs)
     if name not in profiles:
         raise EdgeSLMError(f"unknown device {name!r}; known: {', '.join(sorted(profiles))} "
@@ -159,7 +160,7 @@ def get_profile(name: str, extra_dirs=()) -> Profile:
 
 def load_budget_file(path) -> tuple[dict, dict]:
     """-> (budgets for every device, {device name: budgets}). NaN/negative/unknown keys: EdgeSLMError."""
-    data = _read_toml(Path(path), "budget file")
+    data = read_toml(Path(path), "budget file")
     per_device = data.pop("device", {})
     common = validate_budgets(data, f"budget file {path}")
     if not isinstance(per_device, dict):

@@ -20,7 +20,6 @@ then by estimated decode speed.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,20 +54,12 @@ class Candidate:
     config: dict
 
 
-def _read(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise EdgeSLMError(f"cannot read the candidates file {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeSLMError(f"candidates file {path} is not valid TOML ({e})") from None
-
-
 def load_candidates(path=None) -> tuple[dict[str, Candidate], dict[str, dict]]:
     """-> ({name: Candidate}, {task: its table}) from candidates.toml or a user's file of that form."""
     path = Path(path) if path else CANDIDATES
-    data = _read(path)
+    from .devices import read_toml
+
+    data = read_toml(path, "candidates file")
     models = {}
     for i, m in enumerate(data.get("model", [])):
         missing = [k for k in ("name", "source", "licence", "parameters", "config") if k not in m]
@@ -175,7 +166,7 @@ def _shortfall(row: dict, budgets: dict) -> float:
 
 def recommend(task: str, device: str, budget_file=None, context: int | None = None, candidates_file=None,
               profile_dirs=()) -> dict:
-    from .devices import get_profile, validate_budgets
+    from .devices import get_profile, read_toml, validate_budgets
     from .schemes import get_scheme
     from .targets.registry import TARGETS, get_target
 
@@ -185,7 +176,7 @@ def recommend(task: str, device: str, budget_file=None, context: int | None = No
     profile = get_profile(device, profile_dirs)
     budgets = dict(profile.budgets)
     if budget_file:
-        data = _read_budget(budget_file)
+        data = read_toml(Path(budget_file), "budget file")
         per_device = data.pop("device", {})
         if not isinstance(per_device, dict):
             raise EdgeSLMError(f"budget file {budget_file}: [device] must hold one table per device name")
@@ -249,17 +240,6 @@ def recommend(task: str, device: str, budget_file=None, context: int | None = No
             "ranked": fits, "misfits": misfits,
             "nearest": [{k: r[k] for k in ("model", "scheme", "target", "weight_bytes", "kv_cache_bytes",
                                            "estimated", "needs", "reasons")} for r in nearest]}
-
-
-def _read_budget(path) -> dict:
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except OSError as e:
-        raise EdgeSLMError(f"cannot read budget file {path}: {e.strerror or e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise EdgeSLMError(f"budget file {path} is not valid TOML ({e})") from None
 
 
 def _context(value, where: str) -> int:

@@ -63,15 +63,23 @@ class RuntimeKVAttention(nn.Module):
         return out.transpose(1, 2), None, None
 
 
-class RingKVAttention(nn.Module):
-    def __init__(self, spec, context: int, reference_attention):
+class _BufferedKVAttention(nn.Module):
+    """K and V caches of `slots` positions as mutable buffers (ExecuTorch keeps them in the .pte's
+    mutable state), attended by the decoder's own reference attention."""
+
+    def __init__(self, spec, slots: int, reference_attention):
         super().__init__()
-        self.window = spec.sliding_window
-        shape = (1, spec.num_kv_heads, min(spec.sliding_window, context), spec.head_dim)
+        shape = (1, spec.num_kv_heads, slots, spec.head_dim)
         self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
         self.spec = spec
         self.attend = reference_attention
+
+
+class RingKVAttention(_BufferedKVAttention):
+    def __init__(self, spec, context: int, reference_attention):
+        super().__init__(spec, min(spec.sliding_window, context), reference_attention)
+        self.window = spec.sliding_window
 
     def forward(self, q, k, v, q_pos, start_pos, k_cache, v_cache, inplace):
         t, slots = q.shape[2], self.k_cache.shape[2]
@@ -90,14 +98,9 @@ class RingKVAttention(nn.Module):
         return out, None, None
 
 
-class TracedKVAttention(nn.Module):
+class TracedKVAttention(_BufferedKVAttention):
     def __init__(self, spec, context: int, reference_attention):
-        super().__init__()
-        shape = (1, spec.num_kv_heads, context, spec.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape), persistent=False)
-        self.spec = spec
-        self.attend = reference_attention
+        super().__init__(spec, context, reference_attention)
 
     def forward(self, q, k, v, q_pos, start_pos, k_cache, v_cache, inplace):
         t, slots = q.shape[2], self.k_cache.shape[2]
