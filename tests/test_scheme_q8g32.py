@@ -63,3 +63,16 @@ def test_targets_without_a_lowering_refuse_it(target):
     _, model = tiny_pair("qwen2")
     reason = get_target(target).unsupported_reason(model, get_scheme("q8g32"))
     assert reason and "q8g32" in reason
+
+
+def test_scheme_table_names_what_each_file_defines():
+    import importlib
+
+    from edgeslm.schemes import SCHEME_MODULES, all_schemes
+
+    for module, spelled in SCHEME_MODULES.items():
+        names = [s.name for s in importlib.import_module(f"edgeslm.schemes.{module}").schemes()]
+        if "{" not in spelled:
+            assert names == [n.strip() for n in spelled.split(",")], module
+        assert all(all_schemes()[n].name == n for n in names)
+    assert len(all_schemes()) == 22

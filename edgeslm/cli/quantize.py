@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION, DEFAULT_SCHEME, SCHEMES, get_scheme
+from ..schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION, DEFAULT_SCHEME, KNOWN, get_scheme
 from .common import add_json_argument, add_model_argument, emit, human_bytes
 
 HELP = "quantize a model once (int8, int4 RTN/GPTQ/AWQ) into a packed safetensors checkpoint"
@@ -11,7 +11,7 @@ HELP = "quantize a model once (int8, int4 RTN/GPTQ/AWQ) into a packed safetensor
 def add_arguments(p):
     add_model_argument(p)
     p.add_argument("--scheme", default=DEFAULT_SCHEME,
-                   help=f"one of: {', '.join(SCHEMES)} (default %(default)s)")
+                   help=f"one of: {KNOWN} (default %(default)s)")
     p.add_argument("--out", required=True, help="output checkpoint folder (written atomically)")
     p.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                    help="GPTQ/AWQ calibration text: brown:train (default), brown:valid, or a .txt/.jsonl path")

@@ -13,37 +13,39 @@ A name says everything that is quantized and how:
   q4g{G}a-{method}    the same with asymmetric groups (an integer zero point per group)
 Norms, biases and RoPE tables always stay float (they are a few KB).
 
-Each kind of weights is one module of this package (see base.py for what a scheme provides);
-SCHEME_MODULES lists them; each module's schemes() returns its schemes, and its NAMES spells
-their names for an error message.
+Each kind of weights is one module of this package (see base.py for what a scheme provides).
+SCHEME_MODULES maps each to the names its schemes() returns: the table itself is built on first
+use, so that listing names (the CLI's --help) imports no torch.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from ..errors import EdgeSLMError
-from .base import Scheme
 
-SCHEME_MODULES = (
-    "floating",
-    "int8",
-    "int4",
-    "int8_groups",
-)
+if TYPE_CHECKING:
+    from .base import Scheme
 
-
-def _build() -> tuple[dict[str, Scheme], str]:
-    table, names = {}, []
-    for module in SCHEME_MODULES:
-        kind = importlib.import_module(f"{__name__}.{module}")
-        table.update({scheme.name: scheme for scheme in kind.schemes()})
-        names.append(kind.NAMES)
-    return table, ", ".join(names)
+SCHEME_MODULES = {
+    "floating": "f32, f16",
+    "int8": "q8c",
+    "int4": "q4g{32,64,128}[a]-{rtn,gptq,awq}",
+    "int8_groups": "q8g32",
+}
+KNOWN = ", ".join(SCHEME_MODULES.values())
+_TABLE: dict[str, Scheme] = {}
 
 
-SCHEMES: dict[str, Scheme]
-SCHEMES, _KNOWN = _build()
+def all_schemes() -> dict[str, Scheme]:
+    """name -> Scheme, every module's schemes() in SCHEME_MODULES order."""
+    if not _TABLE:
+        for module in SCHEME_MODULES:
+            _TABLE.update({s.name: s for s in importlib.import_module(f"{__name__}.{module}").schemes()})
+    return _TABLE
+
+
 DEFAULT_SCHEME = "q4g32-gptq"
 
 # Calibration of GPTQ / AWQ. 8 windows x 512 tokens (4,096 tokens): GPTQ over SmolLM2-135M's 30
@@ -57,6 +59,6 @@ CALIBRATION_LENGTH = 512
 
 def get_scheme(name: str) -> Scheme:
     try:
-        return SCHEMES[name]
+        return all_schemes()[name]
     except KeyError:
-        raise EdgeSLMError(f"unknown scheme {name!r}; known: {_KNOWN}") from None
+        raise EdgeSLMError(f"unknown scheme {name!r}; known: {KNOWN}") from None

@@ -13,8 +13,6 @@ class FloatWeights(Scheme):
         return f"no quantization, {self.float_dtype} weights"
 
 
-NAMES = "f32, f16"
-
 
 def schemes() -> list[Scheme]:
     return [FloatWeights("f32", float_dtype="float32"), FloatWeights("f16", float_dtype="float16")]

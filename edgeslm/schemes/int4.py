@@ -190,8 +190,6 @@ class Int4Groups(Scheme):
         return "MOSTLY_Q4_0"
 
 
-NAMES = "q4g{32,64,128}[a]-{rtn,gptq,awq}"
-
 
 def schemes() -> list[Scheme]:
     return [Int4Groups(f"q4g{g}{suffix}-{method}", 4, g, sym, method)

@@ -98,8 +98,6 @@ class Int8Channels(Scheme):
         return "MOSTLY_Q8_0"
 
 
-NAMES = "q8c"
-
 
 def schemes() -> list[Scheme]:
     return [Int8Channels("q8c", 8, None, True, "rtn")]

@@ -107,8 +107,6 @@ class Int8Groups(Scheme):
         return "MOSTLY_Q8_0"
 
 
-NAMES = "q8g32"
-
 
 def schemes() -> list[Scheme]:
     return [Int8Groups("q8g32", 8, GROUP, True, "rtn")]
