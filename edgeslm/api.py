@@ -35,13 +35,15 @@ def quantize(model, *, scheme: str, out, calibration: str | None = None, samples
 
 def export(model, *, target: str, out, scheme: str = "f32", force: bool = False, context: int | None = None,
            prefill_chunk: int = 64, steps: int | None = None, verify: bool = True, allow_pickle: bool = False,
-           progress: bool = True) -> Artifact:
-    """Exports and (by default) verifies; a failed bound raises CheckFailed, with the folder written."""
+           progress: bool = True, accuracy_level: int | None = None) -> Artifact:
+    """Exports and (by default) verifies; a failed bound raises CheckFailed, with the folder written.
+    accuracy_level: onnx only, MatMulNBits' (0 exact fp32, 4 int8 activations); None: the target's default."""
     from .exporter import export_artifact
 
+    options = {} if accuracy_level is None else {"accuracy_level": accuracy_level}
     manifest = export_artifact(model, target, scheme, Path(out), force=force, context=context,
                                prefill_chunk=prefill_chunk, steps=steps, verify=verify, progress=progress,
-                               allow_pickle=allow_pickle)
+                               allow_pickle=allow_pickle, options=options)
     return Artifact(Path(out), manifest["target"], manifest["scheme"], manifest)
 
 

@@ -11,10 +11,12 @@ from pathlib import Path
 
 
 def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, force=False, context=None,
-                    prefill_chunk=64, steps=None, verify=True, progress=True, allow_pickle=False) -> dict:
+                    prefill_chunk=64, steps=None, verify=True, progress=True, allow_pickle=False,
+                    options: dict | None = None) -> dict:
     """The whole export; returns the manifest. Raises EdgeSLMError on bad input before writing anything.
 
-    context None: parity.default_context (512, or 2x the sliding window so verify can cross it)."""
+    context None: parity.default_context (512, or 2x the sliding window so verify can cross it).
+    options: target-specific settings (ExportContext.options), e.g. {"accuracy_level": 4} for onnx."""
     import torch
 
     from .artifact import atomic_folder, write_manifest
@@ -56,7 +58,7 @@ def export_artifact(model_name, target_name: str, scheme_name: str, out: Path, f
         raise EdgeSLMError(reason)
     parameters = count_parameters(model)
     ctx = ExportContext(model_name=str(model_name), reference=str(ref.resolve()), context_length=context,
-                        prefill_chunk=prefill_chunk, tokenizer=tok)
+                        prefill_chunk=prefill_chunk, tokenizer=tok, options=dict(options or {}))
     with atomic_folder(out, force=force) as tmp:
         with torch.no_grad():
             fields = target.export(model, scheme, tmp, ctx)

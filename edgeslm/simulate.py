@@ -26,12 +26,14 @@ class RoundedCache(nn.Module):
         return self.inner(q, k.to(self.dtype).to(k.dtype), v.to(self.dtype).to(v.dtype), *rest)
 
 
-def q8_0(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def q8_0(x: torch.Tensor, block: int = 32, fp16_scale: bool = True) -> torch.Tensor:
     """llama.cpp's Q8_0 round trip along the last dimension: per block of 32, an fp16 scale
-    d = max|x| / 127 and codes round(x / d)."""
+    d = max|x| / 127 and codes round(x / d). With fp16_scale False, d stays fp32: onnxruntime's
+    MatMulNBits at accuracy_level 4 (per block of the weights' block size)."""
     shape = x.shape
     xb = x.float().reshape(*shape[:-1], shape[-1] // block, block)
-    d = (xb.abs().amax(-1, keepdim=True) / 127).half().float()
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    d = d.half().float() if fp16_scale else d
     codes = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1)), 0)
     return (codes * d).reshape(shape).to(x.dtype)
 

@@ -179,9 +179,26 @@ class OnnxTarget(Target):
         (out / CONFIG).write_text(json.dumps(genai_config(model, ctx, level), indent=2))
         if ctx.tokenizer is not None:
             ctx.tokenizer.save_pretrained(str(out))
+        bounds = bounds_for(model.spec, level) if level == 0 else self.derived_bounds(model, scheme, ctx, level)
         return {"graph": MODEL, "weights": WEIGHTS, "genai_config": CONFIG, "opset": OPSET,
-                "accuracy_level": level, "parity_bounds": bounds_for(model.spec, level),
+                "accuracy_level": level, "parity_bounds": bounds,
                 "runtime_contract": "onnxruntime-genai", **facts, **written}
+
+    def derived_bounds(self, model, scheme, ctx: ExportContext, level: int) -> dict:
+        """Above level 0, MatMulNBits rounds each block of activations (the weights' block size) to
+        symmetric int8 with an fp32 scale before the integer dot products: bounds from that
+        arithmetic simulated on the reference (parity.derive_bounds)."""
+        from edgeslm.parity import derive_bounds
+        from edgeslm.simulate import q8_0, simulated
+
+        block = scheme.group_size or 32
+
+        def simulate(reference):
+            return simulated(reference, activations=lambda x: q8_0(x, block, fp16_scale=False))
+
+        basis = f"MatMulNBits accuracy_level {level}: int8 activations per block of {block} (fp32 scale)"
+        return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, basis, ppl_rel=0.01,
+                             reference_key=ctx.reference or None)
 
     def load(self, folder: Path, manifest: dict) -> Runner:
         return GenaiRunner(Path(folder), manifest)

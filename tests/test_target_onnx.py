@@ -258,3 +258,23 @@ def test_runner_measure_speed(work):
     runner = get_target("onnx").load(out, read_manifest(out))
     speed = runner.measure_speed(prompt_len=40, decode_steps=8, repeats=1, vocab=97)
     assert speed["ttft_s"] > 0 and speed["decode_tok_s"] > 0 and speed["prompt_tokens"] == 40
+
+
+def test_accuracy_level_4_carries_bounds_derived_from_its_arithmetic(work, capsys):
+    """At accuracy_level 4 the bounds come from the reference run with int8 activations per block,
+    and the artifact lands as close as that simulation; --accuracy-level is refused off onnx."""
+    import edgeslm
+    from edgeslm.cli.main import main
+
+    folder = work / "tiny-qwen2-level4"
+    tiny_model_folder(folder, "qwen2")
+    art = edgeslm.export(folder, target="onnx", scheme="q4g32-rtn", out=work / "onnx-level4", context=128,
+                         progress=False, accuracy_level=4)
+    bounds, parity = art.manifest["parity_bounds"], art.manifest["parity"]
+    assert art.manifest["accuracy_level"] == 4 and "simulated on the reference" in bounds["basis"]
+    assert 1e-3 < bounds["max_abs_logit"] < 5 and parity["passed"]
+    assert parity["max_abs_logit_diff"] <= bounds["max_abs_logit"]
+    out = work / "gguf-level4"
+    assert main(["export", str(folder), "--target", "gguf", "--scheme", "q4g32-rtn", "--accuracy-level", "4",
+                 "--out", str(out)]) == 2
+    assert "onnx setting" in capsys.readouterr().err and not out.exists()

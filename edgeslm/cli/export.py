@@ -21,17 +21,27 @@ def add_arguments(p):
     p.add_argument("--steps", type=int, default=None, help="greedy steps of the final verify (default 64; with sliding windows the prompt "
                         "itself is longer than the window)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity run at the end (the manifest then says so)")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 4), default=None,
+                   help="onnx only: MatMulNBits' accuracy_level, 0 (exact, fp32 products) or 4 (int8 activations, "
+                        "bounds derived from that arithmetic); default: the target's (see README)")
     p.add_argument("--allow-pickle", action="store_true", help="allow *.bin pickle checkpoints (unsafe)")
     add_json_argument(p)
 
 
 def run(args) -> int:
+    from ..errors import EdgeSLMError
     from ..exporter import export_artifact
     from ..parity import render
 
+    options = {}
+    if args.accuracy_level is not None:
+        if args.target != "onnx":
+            raise EdgeSLMError(f"--accuracy-level is an onnx setting; the {args.target} target has none")
+        options["accuracy_level"] = args.accuracy_level
     manifest = export_artifact(args.model, args.target, args.scheme, Path(args.out), force=args.force,
                                context=args.context, prefill_chunk=args.prefill_chunk, steps=args.steps,
-                               verify=not args.no_verify, progress=not args.json, allow_pickle=args.allow_pickle)
+                               verify=not args.no_verify, progress=not args.json, allow_pickle=args.allow_pickle,
+                               options=options)
     result = {"out": args.out, **{k: v for k, v in manifest.items() if k != "files"},
               "bytes": sum(f["bytes"] for f in manifest["files"].values())}
 
