@@ -202,6 +202,30 @@ def test_buffer_over_adapter_limit_is_one_clear_error(exported):
         BrowserRunner(copy)
 
 
+def test_edited_config_or_shard_fails_verify(exported, tmp_path):
+    """`edgeslm verify` on a copy whose mlc-chat-config.json and first shard were edited: exit 1,
+    naming both files, before any browser starts."""
+    import os
+    import subprocess
+    import sys
+
+    _, out, _ = exported
+    copy = tmp_path / "edited"
+    shutil.copytree(out, copy)
+    cfg = json.loads((copy / "mlc-chat-config.json").read_text())
+    cfg["context_window_size"] = 4096
+    (copy / "mlc-chat-config.json").write_text(json.dumps(cfg))
+    with open(copy / "params_shard_0.bin", "r+b") as f:
+        f.seek(64)
+        b = f.read(1)
+        f.seek(64)
+        f.write(bytes([b[0] ^ 1]))
+    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "verify", str(copy)], capture_output=True,
+                          text=True, env=dict(os.environ), timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "mlc-chat-config.json" in done.stderr and "params_shard_0.bin" in done.stderr, done.stderr
+
+
 def test_mismatched_webllm_is_refused_at_build_time(monkeypatch, tmp_path):
     """A WebLLM whose bundled web runtime is not the TVM wheel's (0.2.86 bundles 0.28.0-dev0) is
     refused before compiling, with the version to install; the CLI prints it and exits 2."""
