@@ -12,11 +12,16 @@ Schemes map to GGML types without re-quantizing anything:
   q4g*a-* (asymmetric) refused: Q4_1 stores an fp16 min = -zero*scale, which fp16 rounds, so it
                        would not be our weights bit for bit.
 
-Families: llama (SmolLM/SmolLM2, Llama 3.x with its rope scaling via rope_freqs) and qwen2. The
-llama arch in llama.cpp applies RoPE to interleaved pairs (x0,x1),(x2,x3)... while transformers
-rotates halves (x_i, x_{i+D/2}), so q/k rows are permuted per head when written (the same
-reordering transformers' GGUF loader undoes). Qwen2 uses llama.cpp's NEOX rope: no permutation.
-Other families are refused with one line.
+Families are data (FAMILIES below): per family, llama.cpp's arch name, which of our modules become
+which GGUF tensor (names from the gguf package's MODEL_TENSOR table) and which metadata llama.cpp
+reads for it. llama (SmolLM/SmolLM2, Llama 3.x with its rope scaling via rope_freqs), qwen2,
+gemma2 (both soft-caps, alternating sliding window), gemma3 (text: q/k norms, per-layer window
+pattern, a second RoPE base for local layers), phi3 (gate and up fused into one ffn_up) and stablelm
+(LayerNorm with biases, partial rotary, parallel residual). The llama arch in llama.cpp applies RoPE
+to interleaved pairs (x0,x1),(x2,x3)... while transformers rotates halves (x_i, x_{i+D/2}), so q/k
+rows are permuted per head when written (the same reordering transformers' GGUF loader undoes); the
+others use llama.cpp's NEOX rope: no permutation. What llama.cpp cannot compute exactly is refused
+with one line naming the family and the feature (see unsupported_reason).
 
 The runner is llama.cpp itself, through llama-cpp-python in benchmarks/.venv-peers (built from
 source by benchmarks/setup_peers.sh), in a subprocess: see gguf_worker.py.
@@ -24,10 +29,12 @@ source by benchmarks/setup_peers.sh), in a subprocess: see gguf_worker.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,47 @@ GGUF_FILE = "model.gguf"
 Q_BLOCK = 32  # weights per Q4_0 / Q8_0 block
 REPO = Path(__file__).resolve().parents[1]
 PEER_PYTHON = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
-ARCH = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one edgeslm family is written for llama.cpp. Tensor names are gguf MODEL_TENSOR members;
+    each maps to the modules of a layer whose rows it holds, in order (Phi-3's ffn_up is gate then up)."""
+
+    arch: str
+    norms: dict  # per-layer norm module (absent ones skipped) -> MODEL_TENSOR member
+    projections: dict = field(default_factory=lambda: dict(PROJECTIONS))
+    interleaved_rope: bool = False  # llama.cpp's llama arch rotates adjacent pairs: permute q/k rows
+    norm_plus_one: bool = False  # Gemma stores w - 1 and scales by 1 + w; llama.cpp scales by w
+    output: str = "optional"  # "optional": output.weight when untied; "required": always; "tied": never read
+    windows: str = "none"  # "per_layer": sliding_window + its pattern; "ignored": llama.cpp attends to all
+    softcaps: dict = field(default_factory=dict)  # "attn"/"final" -> "always" (llama.cpp applies one) or "optional"
+    large_layers: int | None = None  # n_layer at which llama.cpp scales queries by 1/sqrt(hidden/heads)
+    rope_types: tuple = ("default",)
+    local_rope_base: bool = False  # local layers rotate with their own base (rope.freq_base_swa)
+    biases: tuple = ()  # which of "qkv", "o" llama.cpp reads for this arch
+
+
+PROJECTIONS = {"ATTN_Q": ("self_attn.q_proj",), "ATTN_K": ("self_attn.k_proj",), "ATTN_V": ("self_attn.v_proj",),
+               "ATTN_OUT": ("self_attn.o_proj",), "FFN_GATE": ("mlp.gate_proj",), "FFN_UP": ("mlp.up_proj",),
+               "FFN_DOWN": ("mlp.down_proj",)}
+PLAIN_NORMS = {"attn_norm": "ATTN_NORM", "mlp_norm": "FFN_NORM"}
+SANDWICH_NORMS = {"attn_norm": "ATTN_NORM", "attn_post_norm": "ATTN_POST_NORM", "mlp_norm": "FFN_PRE_NORM",
+                  "mlp_post_norm": "FFN_POST_NORM"}
+FAMILIES = {
+    "llama": Family("llama", PLAIN_NORMS, interleaved_rope=True, rope_types=("default", "llama3"),
+                    biases=("qkv", "o")),
+    "qwen2": Family("qwen2", PLAIN_NORMS, biases=("qkv",)),
+    "gemma2": Family("gemma2", SANDWICH_NORMS, norm_plus_one=True, output="tied", windows="per_layer",
+                     softcaps={"attn": "always", "final": "always"}, large_layers=46),
+    "gemma3": Family("gemma3", {**SANDWICH_NORMS, "self_attn.q_norm": "ATTN_Q_NORM", "self_attn.k_norm": "ATTN_K_NORM"},
+                     norm_plus_one=True, windows="per_layer", softcaps={"final": "optional"}, large_layers=62,
+                     rope_types=("default", "linear"), local_rope_base=True),
+    "phi3": Family("phi3", PLAIN_NORMS, windows="ignored",
+                   projections={**{k: v for k, v in PROJECTIONS.items() if k != "FFN_GATE"},
+                                "FFN_UP": ("mlp.gate_proj", "mlp.up_proj")}),
+    "stablelm": Family("stablelm", PLAIN_NORMS, output="required", biases=("qkv",)),
+}
 
 # transformers pre-tokenizer (tokenizer.json) -> llama.cpp's tokenizer.ggml.pre. Each entry is a
 # regex llama.cpp applies the same way; an unknown one is refused rather than guessed, since
@@ -93,10 +140,9 @@ class GGUFTarget(Target):
 
     def unsupported_reason(self, model, scheme) -> str | None:
         spec = model.spec
-        if spec.family not in ARCH:
-            return f"the gguf target supports the llama and qwen2 families, not {spec.family}"
-        if spec.rotary_dim != spec.head_dim:
-            return "the gguf target does not support partial rotary embeddings"
+        reason = _family_reason(model)
+        if reason:
+            return reason
         reason = scheme.target_reason("gguf")
         if reason:
             return reason
@@ -105,9 +151,6 @@ class GGUFTarget(Target):
             bad = sorted(k for k in ks if k % Q_BLOCK)
             if bad:
                 return f"GGUF quantized blocks need every input size divisible by 32; {bad[0]} is not"
-        rope_type = _rope_type(model.hf_config)
-        if rope_type not in ("default", "llama3"):
-            return f"the gguf target supports default and llama3 RoPE, not {rope_type!r}"
         return None
 
     def export(self, model, scheme, out: Path, ctx: ExportContext) -> dict:
@@ -117,7 +160,12 @@ class GGUFTarget(Target):
         if reason:
             raise EdgeSLMError(reason)
         spec = model.spec
-        arch = ARCH[spec.family]
+        fam = FAMILIES[spec.family]
+        if fam.windows == "ignored" and spec.has_local_layers and ctx.context_length > spec.sliding_window:
+            raise EdgeSLMError(f"{spec.family}: a {spec.sliding_window}-token sliding window (llama.cpp's {fam.arch} "
+                               f"arch attends over the whole context); export with --context {spec.sliding_window} "
+                               "or less, where the window masks nothing")
+        arch = fam.arch
         writer = gguf.GGUFWriter(str(out / GGUF_FILE), arch)
         writer.add_name(Path(ctx.model_name or "model").name)
         writer.add_context_length(spec.max_position)
@@ -129,14 +177,13 @@ class GGUFTarget(Target):
         writer.add_key_length(spec.head_dim)
         writer.add_value_length(spec.head_dim)
         writer.add_rope_dimension_count(spec.rotary_dim)
-        writer.add_layer_norm_rms_eps(spec.norm_eps)
-        writer.add_rope_freq_base(float(_rope_params(model.hf_config).get("rope_theta", 10000.0)))
+        _add_family_metadata(writer, model, fam)
         writer.add_vocab_size(spec.vocab_size)
         writer.add_file_type(_file_type(scheme))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
         tokenizer_fields = _add_tokenizer(writer, ctx, spec.vocab_size)
-        types = self._add_tensors(writer, model, scheme, arch)
+        types = self._add_tensors(writer, model, scheme, fam)
 
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -144,27 +191,38 @@ class GGUFTarget(Target):
         writer.close()
         fields = {"gguf_arch": arch, "ggml_types": types, **tokenizer_fields, "kv_cache": _kv_cache(scheme),
                   "runtime": "llama.cpp (llama-cpp-python, benchmarks/.venv-peers)"}
-        if scheme.name != "f32":
+        if scheme.name != "f32" or spec.act == "gelu_tanh":
             fields["parity_bounds"] = self.derived_bounds(model, scheme, ctx)
         return fields
 
     def derived_bounds(self, model, scheme, ctx: ExportContext) -> dict:
         """llama.cpp multiplies Q4_0 / Q8_0 weights by activations rounded to Q8_0 (8 bits per block
-        of 32, fp16 scale), F16 weights by fp16 activations, and keeps an f16 KV cache: bounds from
+        of 32, fp16 scale), F16 weights by fp16 activations, and keeps an f16 KV cache (f32 weights
+        run with an f32 cache and plain fp32 products); its CPU GELU reads an fp16 table. Bounds from
         that arithmetic simulated on the reference (parity.derive_bounds)."""
-        import functools
+        import contextlib
 
         from edgeslm.simulate import fp16_round_trip, q8_0, simulated
         from edgeslm.parity import derive_bounds
 
-        rounding = fp16_round_trip if scheme.name == "f16" else q8_0
-        simulate = functools.partial(simulated, activations=rounding, cache_dtype=torch.float16)
-        basis = (f"llama.cpp: {'fp16' if scheme.name == 'f16' else 'Q8_0'} activations into every matrix product, "
-                 f"f16 KV cache")
-        return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, basis, ppl_rel=0.02,
-                             reference_key=ctx.reference or None)
+        exact_products = scheme.name == "f32"
+        gelu = model.spec.act == "gelu_tanh"
+        rounding = None if exact_products else fp16_round_trip if scheme.name == "f16" else q8_0
 
-    def _add_tensors(self, writer, model, scheme, arch) -> dict:
+        @contextlib.contextmanager
+        def simulate(reference):
+            with simulated(reference, activations=rounding, cache_dtype=None if exact_products else torch.float16) as m:
+                with gelu_fp16_table(m) if gelu else contextlib.nullcontext():
+                    yield m
+
+        parts = [] if exact_products else [
+            f"{'fp16' if scheme.name == 'f16' else 'Q8_0'} activations into every matrix product, f16 KV cache"]
+        if gelu:
+            parts.append("GELU from an fp16 table")
+        return derive_bounds(model, simulate, ctx.tokenizer, ctx.context_length, "llama.cpp: " + "; ".join(parts),
+                             ppl_rel=0.002 if exact_products else 0.02, reference_key=ctx.reference or None)
+
+    def _add_tensors(self, writer, model, scheme, fam: Family) -> dict:
         import gguf
 
         from edgeslm.schemes.base import QuantizedLinear
@@ -173,7 +231,7 @@ class GGUFTarget(Target):
         f16 = scheme.name == "f16"
         counts: dict[str, int] = {}
 
-        def put(name: str, module_or_tensor, rows=None):
+        def encode(module_or_tensor, rows=None):
             m = module_or_tensor
             if isinstance(m, QuantizedLinear):  # the scheme's own GGML encoding of its codes
                 data, qtype = m.ggml(rows)
@@ -186,39 +244,51 @@ class GGUFTarget(Target):
                     data, qtype = t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
                 else:
                     data, qtype = t.float().numpy(), gguf.GGMLQuantizationType.F32
+            return data, qtype
+
+        arch_tensors = gguf.MODEL_TENSORS[{v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[fam.arch]]
+
+        def put(key: str, parts, bid=None, suffix="weight", rows=None):
+            """One tensor named by its MODEL_TENSOR member, from one module or tensor or from the rows
+            of several (concatenated in order, each encoded alone: blocks never cross rows)."""
+            if gguf.MODEL_TENSOR[key] not in arch_tensors:
+                raise ValueError(f"{key} is not a tensor of llama.cpp's {fam.arch} arch")
+            encoded = [encode(m, rows) for m in (parts if isinstance(parts, tuple) else (parts,))]
+            qtype = encoded[0][1]
+            data = np.concatenate([d for d, _ in encoded]) if len(encoded) > 1 else encoded[0][0]
+            name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[key]].format(bid=bid)}.{suffix}"
             writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
 
-        put("token_embd.weight", model.embed_tokens)
+        def put_norm(key: str, norm, bid=None):
+            w = norm.weight.detach().float()
+            put(key, w + 1.0 if fam.norm_plus_one else w, bid)  # the same fp32 factor the reference uses
+            if norm.bias is not None:
+                put(key, norm.bias, bid, "bias")
+
+        put("TOKEN_EMBD", model.embed_tokens)
         if model.lm_head is not None:
-            put("output.weight", model.lm_head)
-        put("output_norm.weight", model.norm.weight)
+            put("OUTPUT", model.lm_head)
+        elif fam.output == "required":  # the tied table again, as the output matrix llama.cpp expects
+            put("OUTPUT", model.embed_tokens)
+        put_norm("OUTPUT_NORM", model.norm)
         rope_freqs = _llama3_rope_factors(model)
         if rope_freqs is not None:
-            put("rope_freqs.weight", rope_freqs)
-        q_rows = k_rows = None
-        if arch == "llama":
-            q_rows = rope_interleave_rows(spec.num_heads)(spec.num_heads * spec.head_dim)
-            k_rows = rope_interleave_rows(spec.num_kv_heads)(spec.num_kv_heads * spec.head_dim)
+            put("ROPE_FREQS", rope_freqs)
+        rows = {}
+        if fam.interleaved_rope:
+            rows["self_attn.q_proj"] = rope_interleave_rows(spec.num_heads)(spec.num_heads * spec.head_dim)
+            rows["self_attn.k_proj"] = rope_interleave_rows(spec.num_kv_heads)(spec.num_kv_heads * spec.head_dim)
         for i, layer in enumerate(model.layers):
-            a, p = layer.self_attn, f"blk.{i}"
-            put(f"{p}.attn_norm.weight", layer.attn_norm.weight)
-            put(f"{p}.attn_q.weight", a.q_proj, q_rows)
-            put(f"{p}.attn_k.weight", a.k_proj, k_rows)
-            put(f"{p}.attn_v.weight", a.v_proj)
-            if spec.qkv_bias:
-                put(f"{p}.attn_q.bias", a.q_proj.bias, q_rows)
-                put(f"{p}.attn_k.bias", a.k_proj.bias, k_rows)
-                put(f"{p}.attn_v.bias", a.v_proj.bias)
-            put(f"{p}.attn_output.weight", a.o_proj)
-            if spec.o_bias:
-                put(f"{p}.attn_output.bias", a.o_proj.bias)
-            put(f"{p}.ffn_norm.weight", layer.mlp_norm.weight)
-            put(f"{p}.ffn_gate.weight", layer.mlp.gate_proj)
-            put(f"{p}.ffn_up.weight", layer.mlp.up_proj)
-            put(f"{p}.ffn_down.weight", layer.mlp.down_proj)
-            if spec.mlp_bias:
-                raise EdgeSLMError("the gguf target does not support MLP biases")
+            for module, key in fam.norms.items():
+                norm = _submodule(layer, module)
+                if norm is not None:  # StableLM's parallel residual has no MLP norm
+                    put_norm(key, norm, i)
+            for key, modules in fam.projections.items():
+                mods = tuple(layer.get_submodule(m) for m in modules)
+                put(key, mods, i, rows=rows.get(modules[0]))
+                if mods[0].bias is not None:
+                    put(key, torch.cat([m.bias.detach() for m in mods]), i, "bias", rows.get(modules[0]))
         return counts
 
     def parity_bounds(self, scheme) -> dict:
@@ -250,14 +320,119 @@ class GGUFTarget(Target):
                 "tensors": len(reader.tensors)}
 
 
+def _family_reason(model) -> str | None:
+    """None when llama.cpp's arch for this family computes exactly what the reference does, else one
+    line naming the family and the feature llama.cpp lacks."""
+    spec, name = model.spec, model.spec.family
+    fam = FAMILIES.get(name)
+    if fam is None:
+        return f"the gguf target supports the {', '.join(FAMILIES)} families, not {name}"
+    arch = f"llama.cpp's {fam.arch} arch"
+    if fam.interleaved_rope and spec.rotary_dim != spec.head_dim:
+        return f"{name}: partial rotary embeddings ({arch} rotates every dimension in adjacent pairs)"
+    rope_type = _rope_type(model.hf_config)
+    if rope_type not in fam.rope_types:
+        return f"{name}: {rope_type!r} RoPE ({arch} is written here with {' or '.join(fam.rope_types)} RoPE)"
+    if spec.has_local_layers:
+        if fam.windows == "none":
+            return f"{name}: sliding-window attention ({arch} attends over the whole context)"
+        local = _rope_params(model.hf_config, "sliding_attention")
+        if fam.local_rope_base and local.get("rope_type", "default") != "default":
+            return f"{name}: {local['rope_type']!r} RoPE on local layers ({arch} rotates them unscaled)"
+    for kind, present in (("qkv", spec.qkv_bias), ("o", spec.o_bias)):
+        if present and kind not in fam.biases:
+            return f"{name}: {'q/k/v' if kind == 'qkv' else 'attention output'} biases ({arch} reads none)"
+    if spec.mlp_bias:
+        return f"{name}: MLP biases ({arch} reads none)"
+    for kind, value in (("attn", spec.attn_softcap), ("final", spec.final_softcap)):
+        how = fam.softcaps.get(kind)
+        if value is not None and how is None:
+            return f"{name}: a {kind} logit soft-cap ({arch} applies none)"
+        if value is None and how == "always":
+            return f"{name}: no {kind} logit soft-cap ({arch} always applies one)"
+    if fam.output == "tied" and not spec.tie_embeddings:
+        return f"{name}: a separate lm_head ({arch} multiplies by the embedding table)"
+    if fam.large_layers is not None:
+        # llama.cpp derives the query scale from the shapes, as Gemma's released models set it
+        n = spec.hidden_size // spec.num_heads if spec.num_layers == fam.large_layers else spec.head_dim
+        if abs(spec.attn_scale * n ** 0.5 - 1) > 1e-6:
+            return (f"{name}: query_pre_attn_scalar {spec.attn_scale ** -2:g} ({arch} scales queries by "
+                    f"1/sqrt({n}) and reads no key for another value)")
+    return None
+
+
+@contextlib.contextmanager
+def gelu_fp16_table(model):
+    """The model's GELU MLPs computing as llama.cpp's CPU backend does: the gate rounded to fp16 and
+    looked up in an fp16 table of the tanh GELU (0 at or below -10, the input at or above 10), then
+    multiplied by up in fp32."""
+    import types
+
+    from torch.nn import functional as F
+
+    from edgeslm.model import MLP
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        table = F.gelu(g.half().float(), approximate="tanh").half().to(g.dtype)
+        act = torch.where(g <= -10, torch.zeros_like(g), torch.where(g >= 10, g, table))
+        return self.down_proj(act * self.up_proj(x))
+
+    mlps = [m for m in model.modules() if isinstance(m, MLP) and m.act == "gelu_tanh"]
+    for m in mlps:
+        m.forward = types.MethodType(forward, m)
+    try:
+        yield model
+    finally:
+        for m in mlps:
+            del m.forward  # the instance attribute; the class's forward shows again
+
+
+def _submodule(module, path: str):
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _add_family_metadata(writer, model, fam: Family):
+    """The metadata llama.cpp reads for this arch: norm epsilon, RoPE bases and scaling, sliding
+    windows and their per-layer pattern, soft-caps."""
+    import gguf
+
+    spec = model.spec
+    if spec.norm == "layer":
+        writer.add_layer_norm_eps(spec.norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(spec.norm_eps)
+    full = _rope_params(model.hf_config)
+    writer.add_rope_freq_base(float(full.get("rope_theta", 10000.0)))
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(full["factor"]))
+    if fam.windows == "per_layer":
+        if spec.has_local_layers:
+            writer.add_sliding_window(spec.sliding_window)
+        # the pattern as one flag per layer, so llama.cpp does not assume its default period
+        writer.add_sliding_window_pattern([bool(local and spec.has_local_layers) for local in spec.layer_is_local])
+        if fam.local_rope_base and spec.has_local_layers:
+            writer.add_rope_freq_base_swa(float(_rope_params(model.hf_config, "sliding_attention")
+                                                .get("rope_theta", 10000.0)))
+    if spec.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(float(spec.attn_softcap))
+    if spec.final_softcap is not None:
+        writer.add_final_logit_softcapping(float(spec.final_softcap))
+
+
 def _kv_cache(scheme) -> str:
     """f32 weights run with an f32 KV cache, so verify sees the weights alone; else llama.cpp's default f16."""
     return "f32" if scheme.name == "f32" else "f16"
 
 
-def _rope_params(hf_config) -> dict:
+def _rope_params(hf_config, layer_type: str = "full_attention") -> dict:
+    """RoPE settings, or for models keyed by layer type (Gemma 3), those of `layer_type`'s layers."""
     params = getattr(hf_config, "rope_parameters", None) or {}
-    return params if "rope_type" in params or "rope_theta" in params else params.get("full_attention", params)
+    return params if "rope_type" in params or "rope_theta" in params else params.get(layer_type, params)
 
 
 def _rope_type(hf_config) -> str:
