@@ -133,9 +133,6 @@ class CPUEngine:
         return out, np.stack(rows)
 
 
-WEBGPU_HOST = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
-
-
 def link_wasm(ex, path):
     """Links the compiled module with the TVM web runtime (runtime.py) into one wasm file."""
     import os
@@ -182,12 +179,12 @@ def build_webllm(decoder, out, dtype: str, context: int, prefill_chunk: int, qua
     import tvm
     from tvm.contrib import tvmjs
 
-    from .build import SHARD_CAP_MB, _relax_build, wgsl_sources
+    from .build import SHARD_CAP_MB, WASM_HOST, _relax_build, wgsl_sources
     from .runtime import emcc_path, runtime_libs
 
     emcc_path()
     runtime_libs(progress=progress)
-    target = tvm.target.Target("webgpu", host=WEBGPU_HOST)
+    target = tvm.target.Target("webgpu", host=WASM_HOST)
     mod, names, params, meta = webllm_module(decoder, dtype, context, target, True, prefill_chunk, quant)
     ex = _relax_build(mod, target)
     link_wasm(ex, out / "model.wasm")
