@@ -12,7 +12,39 @@ from dataclasses import dataclass
 
 from .errors import EdgeSLMError
 
-# model_type -> family. A family is a set of switches below, not a code path.
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's transformers config means, as data: a new Llama-shaped family is one line of
+    SUPPORTED_MODEL_TYPES, a structurally new one one entry here (plus, if the decoder lacks the
+    structure, one DecoderSpec switch)."""
+
+    norm: str = "rms"  # "rms" | "rms_gemma" (weight stored as w - 1) | "layer"
+    eps_key: str = "rms_norm_eps"
+    gemma: bool = False  # sqrt(hidden) embedding scale, query_pre_attn_scalar, soft-caps, sandwich norms
+    qk_norm: bool = False
+    rope_per_layer_type: bool = False  # rope_parameters keyed by layer type (Gemma 3's two bases)
+    qkv_bias_key: str = "attention_bias"
+    qkv_bias_always: bool = False
+    o_bias: bool = True  # o_proj has a bias when attention_bias is set
+    top_level_partial_rotary: bool = False  # partial_rotary_factor read at the config's top level first
+    parallel_residual_key: str | None = None
+    fused_projections: bool = False  # the HF checkpoint stores qkv_proj and gate_up_proj fused
+    refused: tuple = ()  # (config key, message) pairs this decoder cannot express
+
+
+FAMILIES = {
+    "llama": Family(),
+    "qwen2": Family(qkv_bias_always=True, o_bias=False),
+    "phi3": Family(top_level_partial_rotary=True, fused_projections=True),
+    "gemma2": Family(norm="rms_gemma", gemma=True),
+    "gemma3": Family(norm="rms_gemma", gemma=True, qk_norm=True, rope_per_layer_type=True),
+    "stablelm": Family(norm="layer", eps_key="layer_norm_eps", qkv_bias_key="use_qkv_bias", o_bias=False,
+                       parallel_residual_key="use_parallel_residual",
+                       refused=(("qk_layernorm", "StableLM with qk_layernorm (per-head LayerNorm) is not supported yet"),)),
+}
+
+# model_type -> family (a key of FAMILIES)
 SUPPORTED_MODEL_TYPES = {
     "llama": "llama",  # Llama 3.x, SmolLM/SmolLM2, TinyLlama
     "qwen2": "qwen2",
@@ -52,6 +84,7 @@ class DecoderSpec:
     qk_norm: bool  # Gemma 3: RMSNorm over head_dim on q and k
     parallel_residual: bool  # StableLM option: attention and MLP read the same normed input
     max_position: int
+    fused_projections: bool = False  # the HF checkpoint stores qkv_proj / gate_up_proj fused (Phi-3)
 
     @property
     def has_local_layers(self) -> bool:
@@ -110,8 +143,10 @@ def _spec(cfg) -> DecoderSpec:
         raise EdgeSLMError(
             f"unknown architecture {model_type!r}; supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}"
         )
-    if family == "stablelm" and _get(cfg, "qk_layernorm", False):
-        raise EdgeSLMError("StableLM with qk_layernorm (per-head LayerNorm) is not supported yet")
+    fam = FAMILIES[family]
+    for key, message in fam.refused:
+        if _get(cfg, key, False):
+            raise EdgeSLMError(message)
 
     hidden = cfg.hidden_size
     num_heads = cfg.num_attention_heads
@@ -119,7 +154,7 @@ def _spec(cfg) -> DecoderSpec:
     num_layers = cfg.num_hidden_layers
     rope_params = _get(cfg, "rope_parameters", {}) or {}
     partial = rope_params.get("partial_rotary_factor", _get(cfg, "partial_rotary_factor", 1.0))
-    if family == "phi3":
+    if fam.top_level_partial_rotary:
         # Phi-3's partial_rotary_factor is for Phi-4-mini style configs; head_dim is derived
         partial = _get(cfg, "partial_rotary_factor", partial)
 
@@ -131,24 +166,14 @@ def _spec(cfg) -> DecoderSpec:
     is_local = tuple(t == "sliding_attention" for t in layer_types)
     if not any(is_local):
         window = None
-    if family == "gemma3":
-        layer_rope = tuple(layer_types)  # rope_parameters is keyed by layer type
-    else:
-        layer_rope = ("default",) * num_layers
+    layer_rope = tuple(layer_types) if fam.rope_per_layer_type else ("default",) * num_layers
 
-    gemma = family in ("gemma2", "gemma3")
-    scalar = _get(cfg, "query_pre_attn_scalar", None) if gemma else None
+    scalar = _get(cfg, "query_pre_attn_scalar", None) if fam.gemma else None
     act_name = _get(cfg, "hidden_activation", None) or _get(cfg, "hidden_act", "silu")
     act = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act_name)
     if act is None:
         raise EdgeSLMError(f"unsupported activation {act_name!r}")
-
-    if family == "stablelm":
-        norm, eps = "layer", cfg.layer_norm_eps
-        qkv_bias = bool(_get(cfg, "use_qkv_bias", False))
-    else:
-        norm, eps = ("rms_gemma" if gemma else "rms"), cfg.rms_norm_eps
-        qkv_bias = bool(_get(cfg, "attention_bias", False)) or family == "qwen2"
+    attention_bias = bool(_get(cfg, "attention_bias", False))
 
     return DecoderSpec(
         family=family,
@@ -160,22 +185,23 @@ def _spec(cfg) -> DecoderSpec:
         num_kv_heads=_get(cfg, "num_key_value_heads", num_heads),
         head_dim=head_dim,
         rotary_dim=int(head_dim * partial),
-        norm=norm,
-        norm_eps=float(eps),
+        norm=fam.norm,
+        norm_eps=float(getattr(cfg, fam.eps_key)),
         act=act,
-        qkv_bias=qkv_bias,
-        o_bias=bool(_get(cfg, "attention_bias", False)) and family not in ("qwen2", "stablelm"),
+        qkv_bias=bool(_get(cfg, fam.qkv_bias_key, False)) or fam.qkv_bias_always,
+        o_bias=attention_bias and fam.o_bias,
         mlp_bias=bool(_get(cfg, "mlp_bias", False)),
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
-        embed_scale=hidden**0.5 if gemma else None,
+        embed_scale=hidden**0.5 if fam.gemma else None,
         attn_scale=(scalar if scalar else head_dim) ** -0.5,
-        attn_softcap=_get(cfg, "attn_logit_softcapping", None) if gemma else None,
-        final_softcap=_get(cfg, "final_logit_softcapping", None) if gemma else None,
+        attn_softcap=_get(cfg, "attn_logit_softcapping", None) if fam.gemma else None,
+        final_softcap=_get(cfg, "final_logit_softcapping", None) if fam.gemma else None,
         sliding_window=window,
         layer_is_local=is_local,
         layer_rope=layer_rope,
-        sandwich_norms=gemma,
-        qk_norm=family == "gemma3",
-        parallel_residual=family == "stablelm" and bool(_get(cfg, "use_parallel_residual", False)),
+        sandwich_norms=fam.gemma,
+        qk_norm=fam.qk_norm,
+        parallel_residual=bool(fam.parallel_residual_key and _get(cfg, fam.parallel_residual_key, False)),
         max_position=int(_get(cfg, "max_position_embeddings", 2048)),
+        fused_projections=fam.fused_projections,
     )

@@ -209,7 +209,7 @@ def to_hf_state_dict(model) -> dict[str, torch.Tensor]:
     from .names import ours_to_hf
 
     state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
-    return ours_to_hf(state, model.spec, fuse=model.spec.family == "phi3")
+    return ours_to_hf(state, model.spec, fuse=model.spec.fused_projections)
 
 
 def save_hf_folder(model, tokenizer, out: Path):
