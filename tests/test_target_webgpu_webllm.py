@@ -26,6 +26,7 @@ def test_metadata_names_the_engine_contract(gemma2_engine):
     _, eng = gemma2_engine
     meta = json.loads(eng.vm["_metadata"]())
     assert meta["kv_state_kind"] == "kv_cache" and meta["prefill_chunk_size"] == 16
+    assert meta["quantization"] == "q0f32" and meta["context_window_size"] == 128
     assert [p["name"] for p in meta["params"]][0] == "embed_tokens.weight"
     usage = meta["memory_usage"]
     assert usage["params_bytes"] == sum(4 * int(__import__("numpy").prod(p["shape"])) for p in meta["params"])

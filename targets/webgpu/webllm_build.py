@@ -45,7 +45,9 @@ def webllm_module(decoder, dtype: str, context: int, target, gpu: bool, prefill_
     mod = bb.finalize()
     meta = {
         "model_type": model_type(decoder.spec),
+        "quantization": quantization_name(quant, dtype),
         "kv_state_kind": "kv_cache",
+        "disaggregation": False,
         "context_window_size": context,
         "sliding_window_size": -1,
         "attention_sink_size": -1,
@@ -53,7 +55,8 @@ def webllm_module(decoder, dtype: str, context: int, target, gpu: bool, prefill_
         "max_batch_size": 1,
         "tensor_parallel_shards": 1,
         "pipeline_parallel_stages": 1,
-        "params": [{"name": n, "shape": list(params[n].shape), "dtype": str(params[n].dtype)} for n in names],
+        "params": [{"name": n, "shape": list(params[n].shape), "dtype": str(params[n].dtype), "preprocs": []}
+                   for n in names],
         "memory_usage": memory_usage(decoder.spec, params, dtype, context, prefill_chunk),
     }
     meta.update(metadata_extra or {})
