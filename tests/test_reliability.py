@@ -77,6 +77,8 @@ def test_info_and_eval_take_a_quantized_checkpoint(env, tmp_path, capsys):
     assert main(["info", str(env["llama"]), "--json"]) == 0
     float_model = json.loads(capsys.readouterr().out)
     assert quantized["parameters"] == float_model["parameters"] > 0
+    assert quantized["checkpoint"]["scheme"] == "q4g32-rtn" and float_model["checkpoint"] is None
+    assert 0.5 < quantized["checkpoint"]["bytes_per_param"] < 1.0  # int4 codes, fp16 scales, float norms
     assert main(["eval", str(q), "--tokens", "256", "--context", "64", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["scheme"] == "q4g32-rtn"
 

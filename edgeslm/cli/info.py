@@ -56,6 +56,10 @@ def render(r: dict):
         print(f"sliding window {r['sliding_window']} on {r['local_layers']} of {r['layers']} layers")
     if r["attn_softcap"] or r["final_softcap"]:
         print(f"soft-caps: attention {r['attn_softcap']}, final {r['final_softcap']}")
+    if r.get("checkpoint"):
+        c = r["checkpoint"]
+        print(f"quantized checkpoint: {c['scheme']} ({c['description']}), {human_bytes(c['weights_bytes'])} of "
+              f"weights, {c['bytes_per_param']:.3f} bytes/param")
     print()
     rows = [[m["context"], human_bytes(m["kv_cache_fp16_bytes"])]
             + [human_bytes(m[f"total_{k}_bytes"]) for k in PRECISIONS] for m in r["memory"]]
@@ -65,6 +69,24 @@ def render(r: dict):
 def run(args) -> int:
     from ..loading import load_model
 
-    model, _, _ = load_model(args.model, allow_pickle=args.allow_pickle, with_tokenizer=False)
-    emit(describe(model), args.json, render)
+    model, _, folder = load_model(args.model, allow_pickle=args.allow_pickle, with_tokenizer=False)
+    facts = describe(model)
+    facts["checkpoint"] = checkpoint_facts(folder, facts["parameters"])
+    emit(facts, args.json, render)
     return 0
+
+
+def checkpoint_facts(folder, parameters: int) -> dict | None:
+    """A quantized checkpoint's scheme and the bytes its weights file holds; None for other models."""
+    import json
+    from pathlib import Path
+
+    from ..qformat import is_quantized_folder
+    from ..schemes import get_scheme
+
+    if not is_quantized_folder(folder):
+        return None
+    scheme = get_scheme(json.loads((Path(folder) / "quant.json").read_text())["scheme"])
+    size = (Path(folder) / "model.safetensors").stat().st_size
+    return {"scheme": scheme.name, "description": scheme.describe(), "weights_bytes": size,
+            "bytes_per_param": size / parameters}
