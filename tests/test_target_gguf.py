@@ -285,6 +285,25 @@ def test_llama_cpp_families_match_reference(tmp_path, family, scheme_name):
 
 
 @needs_llama_cpp
+def test_llama_cpp_gemma3_linear_rope(tmp_path):
+    """Gemma 3's global layers with linear RoPE scaling (as its 4B and larger models have) beside
+    unscaled local layers with their own base: rope.scaling.* and rope.freq_base_swa in llama.cpp."""
+    import gguf
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}}
+    _, model = tiny_pair("gemma3", hidden_size=64, intermediate_size=128, query_pre_attn_scalar=16, rope_parameters=rope)
+    scheme = get_scheme("f32")
+    fields = TARGET.export(model, scheme, tmp_path, ExportContext(model_name="tiny", reference="", context_length=128))
+    reader = gguf.GGUFReader(str(tmp_path / "model.gguf"))
+    assert reader.fields["gemma3.rope.scaling.type"].contents() == "linear"
+    assert reader.fields["gemma3.rope.scaling.factor"].contents() == 8.0
+    ref_tokens, ref_logits, tokens, _, forced = run_llama_cpp(tmp_path, model, scheme, steps=40)
+    assert torch.equal(tokens, ref_tokens)
+    assert (forced - ref_logits).abs().max() <= fields["parity_bounds"]["max_abs_logit"]
+
+
+@needs_llama_cpp
 def test_smollm2_q4_0_in_llama_cpp(tmp_path):
     """The real model: our q4g32-rtn checkpoint as Q4_0, run by llama.cpp, against the reference."""
     from edgeslm.exporter import export_artifact
