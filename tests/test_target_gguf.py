@@ -402,6 +402,24 @@ def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path, monkeypatch):
     assert any("logit diff" in f or "greedy" in f for f in result["failures"])
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("family", ["stablelm", "phi3"])
+def test_edgeslm_run_streams_reference_tokens(tmp_path, monkeypatch, family):
+    """`edgeslm run` on a GGUF artifact of a family beyond llama: llama.cpp tokenizes the prompt with
+    the exported byte-level BPE vocabulary and streams the reference's greedy tokens and their text."""
+    from test_run import byte_level_tokenizer, check_against_reference
+    from tiny_export import isolated_cache
+
+    from edgeslm.exporter import export_artifact
+
+    isolated_cache(tmp_path, monkeypatch)
+    folder = byte_level_folder(tmp_path / "tiny", family)
+    art = tmp_path / "gguf"
+    export_artifact(folder, "gguf", "f32", art, context=64, prefill_chunk=16, verify=False, progress=False)
+    r = check_against_reference(folder, art, tok=byte_level_tokenizer())
+    assert r["runtime"].startswith("llama.cpp") and r["target"] == "gguf"
+
+
 def test_export_refuses_a_bpe_tokenizer_without_merges(tmp_path):
     """A byte-level BPE tokenizer with no merges cannot be read back by llama.cpp: `edgeslm export`
     refuses it with one line and exit 2, and --out does not appear."""
