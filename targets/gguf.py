@@ -334,8 +334,9 @@ def _family_reason(model) -> str | None:
     if rope_type not in fam.rope_types:
         return f"{name}: {rope_type!r} RoPE ({arch} is written here with {' or '.join(fam.rope_types)} RoPE)"
     if spec.has_local_layers:
-        if fam.windows == "none":
-            return f"{name}: sliding-window attention ({arch} attends over the whole context)"
+        # a window at least max_position long never masks anything, so an arch without windows is exact
+        if fam.windows == "none" or (fam.windows == "ignored" and spec.sliding_window < spec.max_position):
+            return f"{name}: a {spec.sliding_window}-token sliding window ({arch} attends over the whole context)"
         local = _rope_params(model.hf_config, "sliding_attention")
         if fam.local_rope_base and local.get("rope_type", "default") != "default":
             return f"{name}: {local['rope_type']!r} RoPE on local layers ({arch} rotates them unscaled)"
