@@ -153,8 +153,7 @@ def test_interrupted_export_leaves_nothing(setup, tmp_path, sig):
         assert proc.poll() is None, proc.communicate()[1][-1000:]
         assert time.time() < deadline
         time.sleep(0.05)
-    time.sleep(0.5)  # mid-way: tracing / writing / verifying
-    proc.send_signal(sig)
+    proc.send_signal(sig)  # as soon as it writes: tracing, writing and verifying are still ahead
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-1000:]
     assert "interrupted" in err
