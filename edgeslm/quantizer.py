@@ -16,13 +16,16 @@ Written here (not taken from AutoGPTQ/AutoAWQ) because those packages need CUDA 
 own packed layouts; this file is the algorithm only, over our Decoder and our format.
 
 The tied embedding / lm_head table is int4 in every q4 scheme (see schemes/__init__.py for the choice and
-its measured cost): for gptq and awq its groups get the clip search weighted by the final hidden
-states (what the lm_head sees), which keeps the row lookups plain round-to-nearest codes.
+its measured cost): for gptq it is quantized by GPTQ with the final normed hidden states' Hessian
+(what the lm_head sees), and the row lookups read those codes; for awq its groups get the scale
+search weighted by that Hessian and round-to-nearest codes. The scale search of every calibrated
+grid is Recipe.scale_search (RECIPE: 14 ratios, then bf16-exact neighbours of each group's best).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,26 +37,40 @@ from .qformat import _parent, quantized_module
 from .schemes import CALIBRATION_LENGTH, CALIBRATION_SAMPLES, DEFAULT_CALIBRATION  # noqa: F401 (re-exported)
 from .schemes.int4 import scale_grid
 
-CALIBRATED_RECIPE = "gptq-actorder-static-clip/awq-grid10-clip/2"  # part of reference_folder's cache key
+CALIBRATED_RECIPE = "gptq-actorder-static-refine-embgptq/awq-grid10-refine/3"  # part of reference_folder's cache key
 SCALE_GRID = "scales fp16 and bf16-exact"  # schemes.int4.scale_grid; part of reference_folder's cache key
 CLIP_RATIOS = torch.linspace(1.0, 0.70, 13).tolist()
+# every bf16-exact scale from 0.55x to 1.08x of the full-range one: bf16-exact values are 2**-8 to
+# 2**-7 apart (relative), so a 0.0035 step lands on each of them at least once
+GRID_RATIOS = torch.arange(1.08, 0.55, -0.0035).tolist()
+# the same range at a 0.04 step, then each group's best scale moved by up to REFINE_STEPS bf16-exact
+# values either way (2**-8..2**-7 apart, relative): the dense search's optimum at ~1/6 of its cost
+REFINE_RATIOS = torch.linspace(1.08, 0.56, 14).tolist()
+REFINE_STEPS = 6
 AWQ_GRID = 10  # exponents 0, 0.1, ..., 0.9 of mean|x|
 AWQ_TOKENS = 1024  # tokens the AWQ scale search evaluates (a subsample of the calibration set)
 
 
 def calibration_tokens(tokenizer, source: str = DEFAULT_CALIBRATION, samples: int = CALIBRATION_SAMPLES,
-                       length: int = CALIBRATION_LENGTH) -> torch.Tensor:
+                       length: int = CALIBRATION_LENGTH, seed: int | None = None) -> torch.Tensor:
     """Local text ('brown:train', or a .txt / .jsonl path) -> int64 [samples, length].
 
+    seed None: the text's first samples*length tokens; an int: that many distinct windows drawn at
+    random (window-aligned) from the whole text by a generator with that seed.
     A text shorter than samples*length gives fewer windows (at least one is needed)."""
     from .data import load_eval_text
 
     text = load_eval_text(source)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
-    n = min(samples, ids.numel() // length)
+    available = ids.numel() // length
+    n = min(samples, available)
     if n < 1:
         raise EdgeSLMError(f"calibration text {source} has {ids.numel()} tokens; at least {length} are needed")
-    return ids[: n * length].view(n, length)
+    windows = ids[: available * length].view(available, length)
+    if seed is None:
+        return windows[:n]
+    pick = torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:n]
+    return windows[pick.sort().values]
 
 
 def check_group_size(model, scheme):
@@ -61,11 +78,41 @@ def check_group_size(model, scheme):
     scheme.check_shapes(model)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How the calibrated methods (gptq, awq) choose their int4 grids.
+
+    scale_search: "grid" tries every bf16-exact group scale from 0.55x to 1.08x of the full-range
+        one (GRID_RATIOS); "refine" tries 14 of them (REFINE_RATIOS), then the REFINE_STEPS
+        bf16-exact scales on each side of each group's best; "ratios" tries the 13 shrinks of
+        CLIP_RATIOS. Every way weighs the group's error by its block of the input Hessian (the
+        layer's output error).
+    embedding: the tied embedding / lm_head table by "gptq" (the final normed hidden states'
+        Hessian, what the lm_head multiplies; row lookups read the same codes) or by "clip"
+        (round-to-nearest with the scale search weighted by that Hessian).
+    true_sequential: gptq only. True: each set of linears sharing an input (q/k/v, o, gate/up,
+        down) is calibrated on inputs computed by the already quantized sets before it in the
+        layer; False: every set's inputs come from the float layer.
+    """
+
+    scale_search: str = "refine"
+    embedding: str = "gptq"
+    true_sequential: bool = False
+
+
+# what the schemes use (CALIBRATED_RECIPE names it in the cache key); each choice measured by
+# benchmarks/quality_levers.py: the refined scale search and the table by GPTQ lowered q4g32-gptq's
+# perplexity, true-sequential did not
+RECIPE = Recipe()
+
+
 @torch.no_grad()
-def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progress: bool = True):
+def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progress: bool = True,
+                   recipe: Recipe | None = None):
     """In place: float linears and embedding -> int4/int8 modules holding the scheme's grid.
 
-    calibration: int64 [samples, length] token windows, needed by gptq and awq."""
+    calibration: int64 [samples, length] token windows, needed by gptq and awq.
+    recipe: the calibrated methods' choices (default RECIPE)."""
     if not scheme.quantized:
         return model.to(getattr(torch, scheme.float_dtype))
     check_group_size(model, scheme)
@@ -78,7 +125,7 @@ def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progr
     elif scheme.method in ("gptq", "awq"):
         if calibration is None or calibration.numel() == 0:
             raise EdgeSLMError(f"{scheme.name} needs calibration text")
-        _calibrated(model, scheme, calibration, progress)
+        _calibrated(model, scheme, calibration, progress, recipe or RECIPE)
     else:
         raise EdgeSLMError(f"{scheme.name}: unknown quantization method {scheme.method!r}")
     return model
@@ -114,10 +161,18 @@ def _quant_dequant(w, scale, zero, group_size):
     return q.view(n, k), ((q - zero[..., None]) * scale[..., None]).view(n, k)
 
 
-def clip_search(w, group_size, symmetric, hessian=None):
-    """Per group, the range shrink (of CLIP_RATIOS) that minimises the quantization error
-    d^T H_g d, with H_g the group's diagonal block of the input Hessian (plain squared error
-    when hessian is None). Returns (scale, zero) float [N, K/G]."""
+def _bf16_neighbour(scale, steps: int):
+    """The bf16-exact value `steps` representable values above (below, if negative) each positive
+    bf16-exact scale, kept on qformat's scale grid."""
+    bits = scale.to(torch.bfloat16).view(torch.int16) + steps
+    return scale_grid(bits.view(torch.bfloat16).float().clamp_min(2**-24)).float()
+
+
+def clip_search(w, group_size, symmetric, hessian=None, ratios=None, refine: int = 0):
+    """Per group, the range shrink (of `ratios`, default CLIP_RATIOS) that minimises the
+    quantization error d^T H_g d, with H_g the group's diagonal block of the input Hessian (plain
+    squared error when hessian is None); refine > 0 then also tries the `refine` bf16-exact scales
+    on each side of every group's best (its zero point kept). Returns (scale, zero) float [N, K/G]."""
     n, k = w.shape
     ng = k // group_size
     w = w.float()
@@ -127,8 +182,9 @@ def clip_search(w, group_size, symmetric, hessian=None):
         blocks = hessian[idx[:, :, None], idx[:, None, :]]  # [ng, G, G]
     best_err = torch.full((n, ng), math.inf)
     best_scale = best_zero = None
-    for ratio in CLIP_RATIOS:
-        scale, zero = _group_params(w, group_size, symmetric, ratio)
+
+    def consider(scale, zero):
+        nonlocal best_err, best_scale, best_zero
         _, deq = _quant_dequant(w, scale, zero, group_size)
         d = (w - deq).view(n, ng, group_size)
         err = d.pow(2).sum(-1) if blocks is None else torch.einsum("ngi,gij,ngj->ng", d, blocks, d)
@@ -137,6 +193,12 @@ def clip_search(w, group_size, symmetric, hessian=None):
             best_scale, best_zero = scale.clone(), zero.clone()
         best_scale[better], best_zero[better] = scale[better], zero[better]
         best_err = torch.minimum(best_err, err)
+
+    for ratio in CLIP_RATIOS if ratios is None else ratios:
+        consider(*_group_params(w, group_size, symmetric, ratio))
+    centre, centre_zero = best_scale.clone(), best_zero.clone()
+    for step in (j for i in range(1, refine + 1) for j in (i, -i)):
+        consider(_bf16_neighbour(centre, step), centre_zero)
     return best_scale, best_zero
 
 
@@ -144,8 +206,8 @@ def _to_format(codes, scale, zero, symmetric):
     return (codes.to(torch.uint8), scale.half(), None if symmetric else zero.to(torch.uint8))
 
 
-def clipped_rtn(w, group_size, symmetric, hessian=None):
-    scale, zero = clip_search(w, group_size, symmetric, hessian)
+def clipped_rtn(w, group_size, symmetric, hessian=None, ratios=None, refine: int = 0):
+    scale, zero = clip_search(w, group_size, symmetric, hessian, ratios, refine)
     codes, _ = _quant_dequant(w.float(), scale, zero, group_size)
     return _to_format(codes, scale, zero, symmetric)
 
@@ -153,7 +215,7 @@ def clipped_rtn(w, group_size, symmetric, hessian=None):
 # ---------------------------------------------------------------- GPTQ
 
 
-def gptq(w, hessian, group_size, symmetric, block: int = 128, damp: float = 0.01):
+def gptq(w, hessian, group_size, symmetric, block: int = 128, damp: float = 0.01, ratios=None, refine: int = 0):
     """GPTQ of one linear w [N, K] with input Hessian [K, K] -> (codes, scales, zeros) in our grid.
 
     Act order with static groups: the group scales are fixed first (clip search on the original
@@ -165,7 +227,7 @@ def gptq(w, hessian, group_size, symmetric, block: int = 128, damp: float = 0.01
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    scale, zero = clip_search(w, group_size, symmetric, hessian.float())
+    scale, zero = clip_search(w, group_size, symmetric, hessian.float(), ratios, refine)
     col_group = torch.arange(k) // group_size
     perm = torch.argsort(torch.diag(h), descending=True)
     w, h = w[:, perm], h[perm][:, perm]
@@ -247,16 +309,26 @@ def _layer_groups(layer):
     return groups
 
 
-class _Capture:
-    """Forward pre-hooks that keep the inputs of some linears (as [T, K] fp32 rows)."""
+class _Stop(Exception):
+    """Ends a layer's forward once a capture hook holds the input it was asked for."""
 
-    def __init__(self, modules: dict):
+
+class _Capture:
+    """Forward pre-hooks that keep the inputs of some linears (as [T, K] fp32 rows).
+
+    stop=True: the hook ends the forward right after keeping its input (_run_layer then returns
+    no output), so capturing the inputs of a layer's early linears skips the rest of the layer."""
+
+    def __init__(self, modules: dict, stop: bool = False):
         self.inputs = {name: [] for name in modules}
+        self.stop = stop
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
     def _hook(self, name):
         def hook(module, args):
             self.inputs[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float())
+            if self.stop:
+                raise _Stop
         return hook
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -274,18 +346,29 @@ def _run_layer(model, layer, hidden, batch: int = 4):
         h = hidden[i : i + batch]
         ropes = {key: model.rope(key, q_pos, h.dtype) for key in model.rope_scaling}
         cos, sin = ropes[model.spec.layer_rope[layer.layer_index]]
-        out.append(layer(h, cos, sin, q_pos, torch.tensor(0), None, None, False)[0])
-    return torch.cat(out)
+        try:
+            out.append(layer(h, cos, sin, q_pos, torch.tensor(0), None, None, False)[0])
+        except _Stop:
+            pass
+    return torch.cat(out) if out else None
 
 
 def _hessian(x):
     return (x.T @ x) * (2.0 / x.shape[0])
 
 
-def _calibrated(model, scheme, calibration, progress):
+def _calibrated(model, scheme, calibration, progress, recipe: Recipe):
     """Layer by layer: capture inputs, (AWQ) scale, quantize, swap the layer's quantized modules in,
     feed its quantized outputs on (sequential quantization)."""
     g, sym = scheme.group_size, scheme.symmetric
+    ratios, refine = {"grid": (GRID_RATIOS, 0), "refine": (REFINE_RATIOS, REFINE_STEPS),
+                      "ratios": (CLIP_RATIOS, 0)}[recipe.scale_search]
+
+    def grid_of(weight, h):
+        if scheme.method == "gptq":
+            return gptq(weight, h, g, sym, ratios=ratios, refine=refine)
+        return clipped_rtn(weight, g, sym, h, ratios, refine)
+
     hidden = model.embed_tokens(calibration)
     if model.spec.embed_scale is not None:
         hidden = hidden * torch.tensor(model.spec.embed_scale, dtype=hidden.dtype)
@@ -293,44 +376,57 @@ def _calibrated(model, scheme, calibration, progress):
     bar = tqdm(list(enumerate(model.layers)), desc=f"{scheme.method} layers", unit="layer", disable=not progress)
     for index, layer in bar:
         layer.layer_index = index
-        names = [n for _, ns in _layer_groups(layer) for n in ns]
-        cap = _Capture({n: layer.get_submodule(n) for n in names})
-        _run_layer(model, layer, hidden)
-        inputs = cap.take()
         groups = _layer_groups(layer)
-        xs = {}
-        for feeder, group in groups:  # AWQ: every fold first, so no fold touches a quantized weight
-            x = inputs[group[0]]
-            if scheme.method == "awq" and feeder is not None:
-                sub = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_TOKENS]]
-                s = awq_scales(sub, [layer.get_submodule(n).weight for n in group], g, sym)
-                if hasattr(feeder, "kind"):  # a Norm
-                    _fold_into_norm(feeder, s)
-                else:
-                    _fold_into_linear(feeder, s)
+        if scheme.method == "gptq" and recipe.true_sequential:
+            for _, group in groups:  # in the order the layer computes them
+                cap = _Capture({group[0]: layer.get_submodule(group[0])}, stop=True)
+                _run_layer(model, layer, hidden)
+                h = _hessian(cap.take()[group[0]])
+                grids = {n: grid_of(layer.get_submodule(n).weight, h) for n in group}
+                for n, grid in grids.items():
+                    _swap_in(model, f"layers.{index}.{n}", grid, scheme)
+                del h, grids
+        else:
+            names = [n for _, ns in groups for n in ns]
+            cap = _Capture({n: layer.get_submodule(n) for n in names})
+            _run_layer(model, layer, hidden)
+            inputs = cap.take()
+            xs = {}
+            for feeder, group in groups:  # AWQ: every fold first, so no fold touches a quantized weight
+                x = inputs[group[0]]
+                if scheme.method == "awq" and feeder is not None:
+                    sub = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_TOKENS]]
+                    s = awq_scales(sub, [layer.get_submodule(n).weight for n in group], g, sym)
+                    if hasattr(feeder, "kind"):  # a Norm
+                        _fold_into_norm(feeder, s)
+                    else:
+                        _fold_into_linear(feeder, s)
+                    for n in group:
+                        layer.get_submodule(n).weight.mul_(s[None, :])
+                    x = x / s  # what these linears now see
+                xs[group[0]] = x
+            del inputs
+            grids = {}
+            for feeder, group in groups:
+                h = _hessian(xs[group[0]])
                 for n in group:
-                    layer.get_submodule(n).weight.mul_(s[None, :])
-                x = x / s  # what these linears now see
-            xs[group[0]] = x
-        grids = {}
-        for feeder, group in groups:
-            h = _hessian(xs[group[0]])
-            for n in group:
-                lin = layer.get_submodule(n)
-                grids[n] = gptq(lin.weight, h, g, sym) if scheme.method == "gptq" else clipped_rtn(lin.weight, g, sym, h)
-        for n, grid in grids.items():  # every fold is done: the layer now computes with its codes
-            _swap_in(model, f"layers.{index}.{n}", grid, scheme)
-        del xs, grids
-        del inputs
+                    grids[n] = grid_of(layer.get_submodule(n).weight, h)
+            for n, grid in grids.items():  # every fold is done: the layer now computes with its codes
+                _swap_in(model, f"layers.{index}.{n}", grid, scheme)
+            del xs, grids
         hidden = _run_layer(model, layer, hidden)
         del layer.layer_index
-    # the output side: final hidden states weight the tied table's clip search (or the untied lm_head's GPTQ)
+    # the output side: the final normed hidden states are what the lm_head multiplies
     final = model.norm(hidden).reshape(-1, hidden.shape[-1])
     h = _hessian(final)
-    if model.lm_head is not None:
-        w = model.lm_head.weight
-        _swap_in(model, "lm_head", gptq(w, h, g, sym) if scheme.method == "gptq" else clipped_rtn(w, g, sym, h), scheme)
-    _swap_in(model, "embed_tokens", clipped_rtn(model.embed_tokens.weight, g, sym, h), scheme)
+    table = model.embed_tokens.weight
+    if model.lm_head is not None:  # untied: the lm_head by the method; the table is only looked up
+        _swap_in(model, "lm_head", grid_of(model.lm_head.weight, h), scheme)
+        _swap_in(model, "embed_tokens", clipped_rtn(table, g, sym, h, ratios, refine), scheme)
+    elif scheme.method == "gptq" and recipe.embedding == "gptq":
+        _swap_in(model, "embed_tokens", gptq(table, h, g, sym, ratios=ratios, refine=refine), scheme)
+    else:
+        _swap_in(model, "embed_tokens", clipped_rtn(table, g, sym, h, ratios, refine), scheme)
 
 
 # ---------------------------------------------------------------- the cached reference checkpoint
