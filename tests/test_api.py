@@ -25,6 +25,7 @@ def test_export_verify_check(tiny):
     tmp, folder = tiny
     art = edgeslm.export(folder, target="onnx", scheme="q4g32-rtn", out=tmp / "art", context=256, progress=False)
     assert isinstance(art, edgeslm.results.Artifact) and art.target == "onnx" and art.passed is True
+    assert art.manifest["accuracy_level"] == 4  # the default: int8 activations, bounds derived from them
     report = edgeslm.verify(art, progress=False)
     assert report.passed is True and report.failures == []
     assert json.loads(report.to_json())["passed"] is True
