@@ -6,9 +6,9 @@ A name says everything that is quantized and how:
                       the embedding (and a tied lm_head with it) int8 per row
   q4g{G}-{method}     every decoder linear int4, groups of G along K, symmetric (zero 8);
                       the embedding (and a tied lm_head with it) int4 g{G}: round-to-nearest for
-                      rtn; for gptq/awq round-to-nearest codes whose per-group range is chosen by
-                      a clip search weighted by the final hidden states (what the tied lm_head
-                      multiplies), which keeps row lookups plain RTN codes;
+                      rtn; for gptq GPTQ with the final normed hidden states' Hessian (what the tied
+                      lm_head multiplies), the row lookups reading the same codes; for awq
+                      round-to-nearest codes whose per-group scale is searched with that Hessian;
                       an untied lm_head int4 by the same method as the linears
   q4g{G}a-{method}    the same with asymmetric groups (an integer zero point per group)
 Norms, biases and RoPE tables always stay float (they are a few KB).

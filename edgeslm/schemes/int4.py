@@ -146,7 +146,8 @@ def fill_int4(module: Int4Linear, codes, scales, zeros):
 class Int4Groups(Scheme):
     def describe(self) -> str:
         sym = "symmetric" if self.symmetric else "asymmetric"
-        emb = "RTN" if self.method == "rtn" else "RTN with an output-weighted clip search"
+        emb = {"rtn": "RTN", "gptq": "GPTQ on the final hidden states"}.get(
+            self.method, "RTN with an output-weighted scale search")
         return (f"int4 {sym} group-{self.group_size} linears by {self.method.upper()}, "
                 f"int4 group-{self.group_size} embedding by {emb}; norms and biases float")
 
