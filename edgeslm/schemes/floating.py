@@ -13,6 +13,5 @@ class FloatWeights(Scheme):
         return f"no quantization, {self.float_dtype} weights"
 
 
-
 def schemes() -> list[Scheme]:
     return [FloatWeights("f32", float_dtype="float32"), FloatWeights("f16", float_dtype="float16")]

@@ -191,7 +191,6 @@ class Int4Groups(Scheme):
         return "MOSTLY_Q4_0"
 
 
-
 def schemes() -> list[Scheme]:
     return [Int4Groups(f"q4g{g}{suffix}-{method}", 4, g, sym, method)
             for g in (32, 64, 128) for method in ("rtn", "gptq", "awq") for sym, suffix in ((True, ""), (False, "a"))]

@@ -98,6 +98,5 @@ class Int8Channels(Scheme):
         return "MOSTLY_Q8_0"
 
 
-
 def schemes() -> list[Scheme]:
     return [Int8Channels("q8c", 8, None, True, "rtn")]

@@ -16,7 +16,7 @@ import torch
 from .. import ops
 from ..errors import EdgeSLMError
 from .base import NBits, QuantizedEmbedding, QuantizedLinear, Scheme, ShiftScale
-from .int8 import q8_0
+from .int8 import Int8Channels, q8_0
 
 GROUP = 32
 
@@ -68,7 +68,7 @@ def _dequantize(qweight, scales):
 
 
 @dataclass(frozen=True)
-class Int8Groups(Scheme):
+class Int8Groups(Int8Channels):  # fill and the GGUF file type are q8c's
     def describe(self) -> str:
         return f"int8 symmetric group-{GROUP} linears and embedding by RTN; norms and biases float"
 
@@ -98,14 +98,6 @@ class Int8Groups(Scheme):
         scales = (g.abs().amax(-1) / 127).clamp_min(2**-24).half()
         q = torch.round(g / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
         return q.view(n, k), scales
-
-    def fill(self, module, grid):
-        module.qweight.copy_(grid[0])
-        module.scales.copy_(grid[1])
-
-    def ggml_file_type(self) -> str:
-        return "MOSTLY_Q8_0"
-
 
 
 def schemes() -> list[Scheme]:
