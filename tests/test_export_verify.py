@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from subprocesses import sigint_default
 from tiny_export import isolated_cache, tiny_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def test_interrupted_export_leaves_nothing(setup, tmp_path, sig):
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-m", "edgeslm.cli.main", "export", str(setup["folder"]), "--target",
                              "onnx", "--out", str(out), *TINY], cwd=ROOT, env=setup["env"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     deadline = time.time() + 300
     while not list(tmp_path.glob(".art.tmp-*")):  # the export has started writing
         assert proc.poll() is None, proc.communicate()[1][-1000:]

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+from subprocesses import sigint_default
 from tiny_export import char_tokenizer, isolated_cache, tiny_model_folder
 
 EDGESLM = [sys.executable, "-m", "edgeslm.cli.main"]
@@ -188,7 +189,7 @@ def test_ctrl_c_stops_cleanly(tiny):
     read_end, write_end = os.pipe()
     fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, 4096)
     proc = subprocess.Popen(EDGESLM + ["run", str(artifact), "--prompt", PROMPT, "--max-tokens", "16000"],
-                            stdout=write_end, stderr=subprocess.PIPE)
+                            stdout=write_end, stderr=subprocess.PIPE, preexec_fn=sigint_default)
     os.close(write_end)
     try:
         deadline = time.time() + 120
