@@ -27,7 +27,7 @@ def tiny_config(family: str, **overrides):
     elif family == "phi3":
         cfg = Phi3Config(**kw, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     elif family == "gemma2":
-        # strong soft-caps and a small window: the configuration the issues test against
+        # strong soft-caps and a small window, so errors in either show
         cfg = Gemma2Config(**kw, head_dim=16, sliding_window=8, attn_logit_softcapping=0.5,
                            final_logit_softcapping=0.2, query_pre_attn_scalar=24)
     elif family == "gemma3":

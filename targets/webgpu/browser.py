@@ -4,7 +4,7 @@
   Chromium loads http://127.0.0.1:<free port>/page/index.html, which serves only: the runner page
   (page/), the tvmjs bundle of @mlc-ai/web-runtime, and the artifact folder under /artifact/.
 
-Chromium runs with a fresh user-data-dir and the flags of the issue; on a machine without a GPU,
+Chromium runs with a fresh user-data-dir and the WebGPU flags in page/driver.mjs; on a machine without a GPU,
 --enable-unsafe-webgpu gives SwiftShader (software Vulkan: f32 only, no shader-f16).
 """
 
