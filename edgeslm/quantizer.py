@@ -73,11 +73,6 @@ def calibration_tokens(tokenizer, source: str = DEFAULT_CALIBRATION, samples: in
     return windows[pick.sort().values]
 
 
-def check_group_size(model, scheme):
-    """Refuses (before any work) a group size that does not divide some K."""
-    scheme.check_shapes(model)
-
-
 @dataclass(frozen=True)
 class Recipe:
     """How the calibrated methods (gptq, awq) choose their int4 grids.
@@ -115,7 +110,7 @@ def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progr
     recipe: the calibrated methods' choices (default RECIPE)."""
     if not scheme.quantized:
         return model.to(getattr(torch, scheme.float_dtype))
-    check_group_size(model, scheme)
+    scheme.check_shapes(model)  # a group size that does not divide some K, refused before any work
     model.float()
     # Each module is replaced by its quantized one as soon as its grid is known, which frees its
     # float weight: quantizing never holds more than the float model and one layer's work.
@@ -163,7 +158,7 @@ def _quant_dequant(w, scale, zero, group_size):
 
 def _bf16_neighbour(scale, steps: int):
     """The bf16-exact value `steps` representable values above (below, if negative) each positive
-    bf16-exact scale, kept on qformat's scale grid."""
+    bf16-exact scale, kept on schemes.int4.scale_grid."""
     bits = scale.to(torch.bfloat16).view(torch.int16) + steps
     return scale_grid(bits.view(torch.bfloat16).float().clamp_min(2**-24)).float()
 
@@ -448,7 +443,7 @@ def quantize_folder(model_name, scheme, out, calibration_source: str = DEFAULT_C
     model, tok, folder = load_model(model_name, allow_pickle=allow_pickle)
     if is_quantized_folder(folder):
         raise EdgeSLMError(f"{folder} is already a quantized checkpoint; quantize the float model")
-    check_group_size(model, scheme)
+    scheme.check_shapes(model)  # a group size that does not divide some K, refused before any work
     params = sum(p.numel() for p in model.parameters())
     calibration = None
     if scheme.needs_calibration:

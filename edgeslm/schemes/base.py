@@ -44,7 +44,20 @@ class Scheme:
         return None if not self.quantized else f"{self.name} has no {target} lowering"
 
     def check_shapes(self, model) -> None:
-        """Raises EdgeSLMError when the model's shapes do not fit the scheme (before any work)."""
+        """Raises EdgeSLMError when the model's shapes do not fit the scheme (before any work): a
+        group size that does not divide the K of some linear or the embedding width."""
+        from ..model import linear_names
+
+        g = self.group_size
+        if g is None:
+            return
+        for name in linear_names(model):
+            k = model.get_submodule(name).in_features
+            if k % g:
+                raise EdgeSLMError(f"{self.name}: group size {g} does not divide K = {k} of {name}")
+        dim = model.embed_tokens.weight.shape[1]
+        if dim % g:
+            raise EdgeSLMError(f"{self.name}: group size {g} does not divide the embedding width {dim}")
 
     # ------------------------------------------------------------ quantizing
 

@@ -163,18 +163,6 @@ class Int4Groups(Scheme):
                     f"points) and f32; not {self.name}")
         return None
 
-    def check_shapes(self, model) -> None:
-        from ..model import linear_names
-
-        g = self.group_size
-        for name in linear_names(model):
-            k = model.get_submodule(name).in_features
-            if k % g:
-                raise EdgeSLMError(f"{self.name}: group size {g} does not divide K = {k} of {name}")
-        dim = model.embed_tokens.weight.shape[1]
-        if dim % g:
-            raise EdgeSLMError(f"{self.name}: group size {g} does not divide the embedding width {dim}")
-
     def linear_module(self, in_features, out_features, bias):
         return Int4Linear(in_features, out_features, self.group_size, self.symmetric, bias)
 

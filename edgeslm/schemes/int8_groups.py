@@ -77,15 +77,6 @@ class Int8Groups(Int8Channels):  # fill and the GGUF file type are q8c's
             return None
         return f"{self.name}: int8 in groups has no {target} lowering (gguf, onnx and coreml carry it)"
 
-    def check_shapes(self, model) -> None:
-        from ..model import linear_names
-
-        widths = {name: model.get_submodule(name).in_features for name in linear_names(model)}
-        widths["embed_tokens"] = model.embed_tokens.weight.shape[1]
-        for name, k in widths.items():
-            if k % GROUP:
-                raise EdgeSLMError(f"{self.name}: group size {GROUP} does not divide K = {k} of {name}")
-
     def linear_module(self, in_features, out_features, bias):
         return Int8GroupLinear(in_features, out_features, bias)
 
