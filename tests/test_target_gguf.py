@@ -12,7 +12,10 @@ What runs where:
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -42,6 +45,19 @@ def tiny_export(tmp_path, family, scheme_name, seed=0):
     fields = TARGET.export(model, scheme, tmp_path, ExportContext(model_name="tiny", reference="", context_length=128))
     return model, scheme, fields
 
+
+def assert_export_refused(folder, tmp_path, message: str):
+    """`edgeslm export --target gguf` of folder exits 2 with one stderr line holding message, and
+    writes neither the artifact nor a temporary sibling."""
+    out = tmp_path / "gguf"
+    env = {**os.environ, "EDGESLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "export", str(folder), "--target", "gguf",
+                           "--out", str(out), "--no-verify"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(out.name)]  # no temporary sibling either
 
 def reference_weights(model) -> dict[str, torch.Tensor]:
     """Our dequantized (or float) weights under GGUF names, with llama's q/k rows interleaved."""
@@ -138,21 +154,10 @@ def test_phi3_window_that_never_masks(tmp_path):
 
 
 def test_cli_refuses_a_family_feature_with_one_line(tmp_path):
-    import os
-    import subprocess
-    import sys
-
     from tiny_export import tiny_model_folder
 
     folder = tiny_model_folder(tmp_path / "tiny", "gemma2")
-    out = tmp_path / "gguf"
-    env = {**os.environ, "EDGESLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "export", str(folder), "--target", "gguf",
-                           "--out", str(out), "--no-verify"], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "gemma2: query_pre_attn_scalar" in lines[0], done.stderr
-    assert not out.exists()
+    assert_export_refused(folder, tmp_path, "gemma2: query_pre_attn_scalar")
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)
@@ -370,8 +375,6 @@ def test_verify_fails_when_two_packed_rows_are_swapped(tmp_path, monkeypatch):
     its manifest re-hashed so that only parity can catch it, fails verify (exit 1) on a bound."""
     import json
     import shutil
-    import subprocess
-    import sys
 
     from tiny_export import isolated_cache
 
@@ -423,10 +426,6 @@ def test_edgeslm_run_streams_reference_tokens(tmp_path, monkeypatch, family):
 def test_export_refuses_a_bpe_tokenizer_without_merges(tmp_path):
     """A byte-level BPE tokenizer with no merges cannot be read back by llama.cpp: `edgeslm export`
     refuses it with one line and exit 2, and --out does not appear."""
-    import os
-    import subprocess
-    import sys
-
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -435,12 +434,4 @@ def test_export_refuses_a_bpe_tokenizer_without_merges(tmp_path):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     folder = byte_level_folder(tmp_path / "tiny", "llama", tokenizer=PreTrainedTokenizerFast(tokenizer_object=tk))
-    out = tmp_path / "gguf"
-    env = {**os.environ, "EDGESLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "edgeslm.cli.main", "export", str(folder), "--target", "gguf",
-                           "--out", str(out), "--no-verify"], capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "no BPE merges" in lines[0], done.stderr
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(out.name)]  # no temporary sibling either
+    assert_export_refused(folder, tmp_path, "no BPE merges")
