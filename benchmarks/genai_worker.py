@@ -1,4 +1,4 @@
-"""onnxruntime-genai, driven over a pipe (run by benchmarks/.venv-peers/bin/python).
+"""onnxruntime-genai, driven over a pipe (run by the main venv's Python).
 
 Same protocol as targets/gguf_worker.py: one JSON request per stdin line, one JSON answer per line.
   {"op": "bench", "prompt": [...], "decode": n}   prefill seconds, decode seconds, peak RSS

@@ -1,6 +1,6 @@
 """llama.cpp's own quantizer (llama_model_quantize from llama-cpp-python): one GGUF -> another type.
 
-    benchmarks/.venv-peers/bin/python benchmarks/llamacpp_quantize.py SRC DST TYPE [--pure] [--threads N]
+    python benchmarks/llamacpp_quantize.py SRC DST TYPE [--pure] [--threads N]
 
 Run by the peer venv's Python (the one with llama-cpp-python); imports nothing from edgeslm.
 TYPE is a llama_ftype name without its LLAMA_FTYPE_MOSTLY_ prefix: Q4_0, Q4_K_M, Q8_0, F16, ...

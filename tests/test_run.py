@@ -133,7 +133,7 @@ def test_gguf_streams_reference_tokens(tiny):
         byte_level_tokenizer().save_pretrained(str(folder))
     artifact = export(tmp, folder, "gguf", 64)  # export needs only the gguf package
     if llama_cpp_python() is None:
-        pytest.skip("llama.cpp (llama-cpp-python) is not installed here: bash benchmarks/setup_peers.sh builds it")
+        pytest.skip("llama.cpp (llama-cpp-python) is not installed here: bash scripts/setup.sh builds it")
     r = check_against_reference(folder, artifact, tok=byte_level_tokenizer())
     assert r["runtime"].startswith("llama.cpp")
 

@@ -4,10 +4,10 @@ What runs where:
   - everywhere (CI included): the GGUF is read back by the gguf package's own dequantizer and by
     transformers' GGUF loader; both must give OUR dequantized weights bit for bit, and transformers'
     model on those weights must reproduce the reference decoder's logits. Refusals are checked.
-  - where llama.cpp is installed (benchmarks/setup_peers.sh builds it from source; CI does not,
-    since compiling it costs minutes on 2 cores, so these tests skip there and say why): llama.cpp
-    runs the exported GGUF and its logits and greedy tokens are compared with the PyTorch reference,
-    on tiny models of each supported family (past their sliding windows) and on SmolLM2-135M (Q4_0).
+  - where llama.cpp is installed (scripts/setup.sh compiles it; without it these tests skip and say
+    why): llama.cpp runs the exported GGUF, and its logits and greedy tokens are compared with the
+    PyTorch reference, on tiny models of each supported family (past their sliding windows) and on
+    SmolLM2-135M (Q4_0).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from edgeslm.targets.gguf import TARGET, llama_cpp_python, rope_interleave_rows
 from tiny import tiny_pair
 
 HAVE_LLAMA_CPP = llama_cpp_python() is not None
-needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama.cpp not installed (bash benchmarks/setup_peers.sh)")
+needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama.cpp not installed (bash scripts/setup.sh)")
 NEW_FAMILIES = ["gemma2", "gemma3", "phi3", "stablelm"]
 # llama.cpp derives Gemma's query scale from the head size (as Gemma's released models set it), so
 # the tiny Gemmas here use query_pre_attn_scalar = head_dim; tiny.py's 24 is refused (test_refusals)
