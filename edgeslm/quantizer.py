@@ -88,11 +88,19 @@ class Recipe:
     true_sequential: gptq only. True: each set of linears sharing an input (q/k/v, o, gate/up,
         down) is calibrated on inputs computed by the already quantized sets before it in the
         layer; False: every set's inputs come from the float layer.
+    awq_scales: gptq only. True: AWQ's per-channel input scales are searched and folded first
+        (as the awq method does), then GPTQ quantizes the scaled linears.
+    layer_choice: gptq only. True: each set of linears sharing an input takes whichever of four
+        grids has the least output error on the calibration inputs (sum over the set of
+        d^T H d): scale-searched round-to-nearest, GPTQ, and each of those after AWQ's scales
+        (where the set's input can take a fold). The error is measured on the inputs GPTQ fits.
     """
 
     scale_search: str = "refine"
     embedding: str = "gptq"
     true_sequential: bool = False
+    awq_scales: bool = False
+    layer_choice: bool = False
 
 
 # what the schemes use (CALIBRATED_RECIPE names it in the cache key); each choice measured by
@@ -103,11 +111,12 @@ RECIPE = Recipe()
 
 @torch.no_grad()
 def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progress: bool = True,
-                   recipe: Recipe | None = None):
+                   recipe: Recipe | None = None, chosen: dict | None = None):
     """In place: float linears and embedding -> int4/int8 modules holding the scheme's grid.
 
     calibration: int64 [samples, length] token windows, needed by gptq and awq.
-    recipe: the calibrated methods' choices (default RECIPE)."""
+    recipe: the calibrated methods' choices (default RECIPE).
+    chosen: with recipe.layer_choice, filled with {linear name: the grid it took}."""
     if not scheme.quantized:
         return model.to(getattr(torch, scheme.float_dtype))
     scheme.check_shapes(model)  # a group size that does not divide some K, refused before any work
@@ -115,12 +124,14 @@ def quantize_model(model, scheme, calibration: torch.Tensor | None = None, progr
     # Each module is replaced by its quantized one as soon as its grid is known, which frees its
     # float weight: quantizing never holds more than the float model and one layer's work.
     if scheme.method == "rtn":
-        for name in linear_names(model) + ["embed_tokens"]:
+        for name in linear_names(model):
             _swap_in(model, name, scheme.rtn_grid(model.get_submodule(name).weight), scheme)
+        table = model.embed_tokens.weight
+        _swap_in(model, "embed_tokens", scheme.table_grid(table) or scheme.rtn_grid(table), scheme)
     elif scheme.method in ("gptq", "awq"):
         if calibration is None or calibration.numel() == 0:
             raise EdgeSLMError(f"{scheme.name} needs calibration text")
-        _calibrated(model, scheme, calibration, progress, recipe or RECIPE)
+        _calibrated(model, scheme, calibration, progress, recipe or RECIPE, {} if chosen is None else chosen)
     else:
         raise EdgeSLMError(f"{scheme.name}: unknown quantization method {scheme.method!r}")
     return model
@@ -352,17 +363,72 @@ def _hessian(x):
     return (x.T @ x) * (2.0 / x.shape[0])
 
 
-def _calibrated(model, scheme, calibration, progress, recipe: Recipe):
+def _dequantized_grid(grid, group_size):
+    """(codes, scales, zeros | None) of _to_format -> the float weight [N, K] it holds."""
+    codes, scale, zero = grid
+    n, k = codes.shape
+    z = 8.0 if zero is None else zero.float()[..., None]
+    return ((codes.float().view(n, k // group_size, group_size) - z) * scale.float()[..., None]).view(n, k)
+
+
+def _fold(feeder, s):
+    if hasattr(feeder, "kind"):  # a Norm
+        _fold_into_norm(feeder, s)
+    else:
+        _fold_into_linear(feeder, s)
+
+
+def _chosen_grids(layer, groups, inputs, grid_of, awq_of, group_size, chosen, prefix):
+    """Per set of linears sharing an input: the grids of four ways (scale-searched RTN, GPTQ, and
+    both after AWQ's scales where the input can take a fold), the one with the least summed output
+    error d^T H d on the calibration inputs kept (its AWQ fold applied). Returns {name: grid}."""
+    grids = {}
+    # the sets fed by a linear (o by v, down by up) first: their folds change v / up, which must
+    # happen before the sets holding v / up are quantized
+    for feeder, group in sorted(groups, key=lambda fg: hasattr(fg[0], "kind")):
+        x = inputs[group[0]]
+        h = _hessian(x)
+        weights = [layer.get_submodule(n).weight.float() for n in group]
+        s = awq_of(x, weights) if feeder is not None else None
+        best = None
+        for way, scaled in (("rtn", False), ("gptq", False), ("awq-rtn", True), ("awq-gptq", True)):
+            if scaled and s is None:
+                continue
+            hw = h / (s[:, None] * s[None, :]) if scaled else h  # the Hessian of x / s
+            ws = [w * s[None, :] if scaled else w for w in weights]
+            gs = [grid_of(w, hw, way.endswith("gptq")) for w in ws]
+            # the output error, the same in the scaled space: (x / s) (W s - Q)^T
+            err = 0.0
+            for w, gr in zip(ws, gs):
+                d = w - _dequantized_grid(gr, group_size)
+                err += float(((d @ hw) * d).sum())
+            if best is None or err < best[0]:
+                best = (err, way, gs, scaled)
+        _, way, gs, scaled = best
+        if scaled:
+            _fold(feeder, s)
+        for n, gr in zip(group, gs):
+            grids[n] = gr
+            chosen[f"{prefix}{n}"] = way
+    return grids
+
+
+def _calibrated(model, scheme, calibration, progress, recipe: Recipe, chosen: dict):
     """Layer by layer: capture inputs, (AWQ) scale, quantize, swap the layer's quantized modules in,
     feed its quantized outputs on (sequential quantization)."""
     g, sym = scheme.group_size, scheme.symmetric
     ratios, refine = {"grid": (GRID_RATIOS, 0), "refine": (REFINE_RATIOS, REFINE_STEPS),
                       "ratios": (CLIP_RATIOS, 0)}[recipe.scale_search]
 
-    def grid_of(weight, h):
-        if scheme.method == "gptq":
+    def grid_of(weight, h, by_gptq: bool = scheme.method == "gptq"):
+        if by_gptq:
             return gptq(weight, h, g, sym, ratios=ratios, refine=refine)
         return clipped_rtn(weight, g, sym, h, ratios, refine)
+
+    def awq_of(x, weights):  # AWQ's scales of one set of linears, searched on a subsample of its input
+        return awq_scales(x[torch.randperm(x.shape[0], generator=gen)[:AWQ_TOKENS]], weights, g, sym)
+
+    gptq_awq = scheme.method == "gptq" and recipe.awq_scales
 
     hidden = model.embed_tokens(calibration)
     if model.spec.embed_scale is not None:
@@ -381,6 +447,14 @@ def _calibrated(model, scheme, calibration, progress, recipe: Recipe):
                 for n, grid in grids.items():
                     _swap_in(model, f"layers.{index}.{n}", grid, scheme)
                 del h, grids
+        elif scheme.method == "gptq" and recipe.layer_choice:
+            names = [n for _, ns in groups for n in ns]
+            cap = _Capture({n: layer.get_submodule(n) for n in names})
+            _run_layer(model, layer, hidden)
+            grids = _chosen_grids(layer, groups, cap.take(), grid_of, awq_of, g, chosen, f"layers.{index}.")
+            for n, grid in grids.items():
+                _swap_in(model, f"layers.{index}.{n}", grid, scheme)
+            del grids
         else:
             names = [n for _, ns in groups for n in ns]
             cap = _Capture({n: layer.get_submodule(n) for n in names})
@@ -389,13 +463,9 @@ def _calibrated(model, scheme, calibration, progress, recipe: Recipe):
             xs = {}
             for feeder, group in groups:  # AWQ: every fold first, so no fold touches a quantized weight
                 x = inputs[group[0]]
-                if scheme.method == "awq" and feeder is not None:
-                    sub = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_TOKENS]]
-                    s = awq_scales(sub, [layer.get_submodule(n).weight for n in group], g, sym)
-                    if hasattr(feeder, "kind"):  # a Norm
-                        _fold_into_norm(feeder, s)
-                    else:
-                        _fold_into_linear(feeder, s)
+                if (scheme.method == "awq" or gptq_awq) and feeder is not None:
+                    s = awq_of(x, [layer.get_submodule(n).weight for n in group])
+                    _fold(feeder, s)
                     for n in group:
                         layer.get_submodule(n).weight.mul_(s[None, :])
                     x = x / s  # what these linears now see
@@ -415,9 +485,12 @@ def _calibrated(model, scheme, calibration, progress, recipe: Recipe):
     final = model.norm(hidden).reshape(-1, hidden.shape[-1])
     h = _hessian(final)
     table = model.embed_tokens.weight
+    table_grid = scheme.table_grid(table)  # a scheme whose table has its own format and grid
     if model.lm_head is not None:  # untied: the lm_head by the method; the table is only looked up
         _swap_in(model, "lm_head", grid_of(model.lm_head.weight, h), scheme)
-        _swap_in(model, "embed_tokens", clipped_rtn(table, g, sym, h, ratios, refine), scheme)
+        _swap_in(model, "embed_tokens", table_grid or clipped_rtn(table, g, sym, h, ratios, refine), scheme)
+    elif table_grid is not None:
+        _swap_in(model, "embed_tokens", table_grid, scheme)
     elif scheme.method == "gptq" and recipe.embedding == "gptq":
         _swap_in(model, "embed_tokens", gptq(table, h, g, sym, ratios=ratios, refine=refine), scheme)
     else:

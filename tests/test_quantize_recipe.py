@@ -90,7 +90,8 @@ def logits_error(model, quantized, ids):
 
 @pytest.mark.parametrize("recipe", [Recipe(true_sequential=True), Recipe(embedding="gptq"),
                                     Recipe(scale_search="grid", embedding="gptq", true_sequential=True),
-                                    Recipe(scale_search="refine", embedding="gptq", true_sequential=False)])
+                                    Recipe(scale_search="refine", embedding="gptq", true_sequential=False),
+                                    Recipe(awq_scales=True), Recipe(layer_choice=True)])
 def test_every_recipe_gives_a_working_model_near_the_default(recipe):
     """Each lever quantizes every module into the same format, and the model stays about as close
     to the float one as with the default recipe (a tiny random model: no lever is judged here)."""
@@ -123,3 +124,25 @@ def test_seeded_calibration_windows_are_distinct_and_repeatable(monkeypatch):
     assert torch.equal(a, b) and not torch.equal(a, c)
     rows = [(windows == r).all(-1).nonzero().item() for r in a]  # each a whole window of the text
     assert len(set(rows)) == 4 and rows == sorted(rows)
+
+
+def test_layer_choice_names_one_way_per_linear_and_applies_its_folds():
+    """With layer_choice every linear is named with the grid its set took (sets sharing an input
+    take one way together), and the quantized model computes the float one's function closely
+    (the AWQ folds it chose are exact)."""
+    _, model = tiny_pair("llama")
+    calibration = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(2))
+    chosen = {}
+    q = quantize_model(copy.deepcopy(model), get_scheme("q4g32-gptq"), calibration, progress=False,
+                       recipe=Recipe(layer_choice=True), chosen=chosen)
+    names = [f"layers.{i}.{n}" for i in range(len(model.layers)) for n in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert sorted(chosen) == sorted(names)
+    assert set(chosen.values()) <= {"rtn", "gptq", "awq-rtn", "awq-gptq"}
+    for i in range(len(model.layers)):
+        assert chosen[f"layers.{i}.self_attn.q_proj"] == chosen[f"layers.{i}.self_attn.v_proj"]
+        assert chosen[f"layers.{i}.mlp.gate_proj"] == chosen[f"layers.{i}.mlp.up_proj"]
+    default = quantize_model(copy.deepcopy(model), get_scheme("q4g32-gptq"), calibration, progress=False)
+    assert logits_error(model, q, ids) < 1.5 * logits_error(model, default, ids)

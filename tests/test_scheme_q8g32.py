@@ -75,4 +75,4 @@ def test_scheme_table_names_what_each_file_defines():
         if "{" not in spelled:
             assert names == [n.strip() for n in spelled.split(",")], module
         assert all(all_schemes()[n].name == n for n in names)
-    assert len(all_schemes()) == 22
+    assert len(all_schemes()) == 23

@@ -11,6 +11,9 @@ A name says everything that is quantized and how:
                       round-to-nearest codes whose per-group scale is searched with that Hessian;
                       an untied lm_head int4 by the same method as the linears
   q4g{G}a-{method}    the same with asymmetric groups (an integer zero point per group)
+  q8g32               every decoder linear and the embedding int8 in groups of 32 along K
+  q4g32e8-gptq        the linears of q4g32-gptq; the embedding (and a tied lm_head with it) int8
+                      in groups of 32 by round-to-nearest (llama.cpp's Q4_0 layout)
 Norms, biases and RoPE tables always stay float (they are a few KB).
 
 Each kind of weights is one module of this package (see base.py for what a scheme provides).
@@ -33,6 +36,7 @@ SCHEME_MODULES = {
     "int8": "q8c",
     "int4": "q4g{32,64,128}[a]-{rtn,gptq,awq}",
     "int8_groups": "q8g32",
+    "int4_int8_table": "q4g32e8-gptq",
 }
 KNOWN = ", ".join(SCHEME_MODULES.values())
 _TABLE: dict[str, Scheme] = {}

@@ -74,6 +74,11 @@ class Scheme:
     def fill(self, module: "QuantizedLinear", grid: tuple) -> None:
         raise EdgeSLMError(f"{self.name} quantizes nothing")
 
+    def table_grid(self, w: torch.Tensor) -> tuple | None:
+        """The embedding table's grid when the scheme gives the table its own format (in the form
+        `fill` takes for embedding_module's module); None: the quantizer's method quantizes it."""
+        return None
+
     def ggml_file_type(self) -> str:
         """The GGUF general.file_type name (gguf.LlamaFileType) of an artifact in this scheme."""
         return "MOSTLY_F16" if self.float_dtype == "float16" else "ALL_F32"

@@ -84,11 +84,16 @@ class Int8Groups(Int8Channels):  # fill and the GGUF file type are q8c's
         return Int8GroupEmbedding(vocab, dim)
 
     def rtn_grid(self, w):
-        n, k = w.shape
-        g = w.detach().float().view(n, k // GROUP, GROUP)
-        scales = (g.abs().amax(-1) / 127).clamp_min(2**-24).half()
-        q = torch.round(g / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
-        return q.view(n, k), scales
+        return int8_group_grid_rtn(w)
+
+
+def int8_group_grid_rtn(w: torch.Tensor):
+    """Float [N, K] -> (int8 codes [N, K], fp16 scales [N, K/32]) by round-to-nearest, s = max|w| / 127."""
+    n, k = w.shape
+    g = w.detach().float().view(n, k // GROUP, GROUP)
+    scales = (g.abs().amax(-1) / 127).clamp_min(2**-24).half()
+    q = torch.round(g / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    return q.view(n, k), scales
 
 
 def schemes() -> list[Scheme]:
