@@ -16,6 +16,10 @@ lever to the one before it), so a lever's effect is the difference between neigh
   refine-true-seq  refine + true-sequential
   calib32       + 32 x 512 calibration tokens
   calib64       + 64 x 512 calibration tokens
+  refine-calib32/64/128  refine with 32, 64 or 128 x 512 calibration tokens
+  refine-awq    refine + AWQ's per-channel input scales searched and folded, then GPTQ
+  refine-choice refine + per set of linears sharing an input, the grid with the least output error
+                on the calibration inputs among RTN, GPTQ, AWQ+RTN and AWQ+GPTQ
 For every (config, seed): the float model is loaded, quantized in memory by quantize_model with
 calibration_tokens(seed=seed) (that many windows drawn at random from Brown train), and scored on
 the first --tokens Brown test tokens at context 512 (quality.py's tokens). Writes <out>.json / .md
@@ -46,6 +50,8 @@ CONFIGS = {
     "refine-calib32": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 32),
     "refine-calib64": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 64),
     "refine-calib128": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 128),
+    "refine-awq": (dict(scale_search="refine", embedding="gptq", awq_scales=True), 8),
+    "refine-choice": (dict(scale_search="refine", embedding="gptq", layer_choice=True), 8),
 }
 
 

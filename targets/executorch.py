@@ -38,6 +38,7 @@ Facts: torch.export(strict=True) under no_grad, T as a Dim; the LLM ops need
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from pathlib import Path
@@ -289,7 +290,6 @@ def simulation_of(prepared):
     8da4w linears with the artifact's range bins), run eagerly. torchao computes each 8da4w linear
     as XNNPACK's qd8 does (each row of the input rounded to int8 with one asymmetric range per token
     and bin, times the same int4 codes), so this is the artifact's arithmetic in PyTorch."""
-    import contextlib
 
     @contextlib.contextmanager
     def simulate(_reference):
@@ -339,6 +339,44 @@ def _say(message: str):
     import sys
 
     print(f"executorch export: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def partition_progress(say):
+    """Reports XNNPACK's compilation of each partition (its preprocess), where lowering spends its
+    time: `to_edge_transform_and_lower` itself is one call that says nothing for minutes. ExecuTorch
+    has no progress hook, so XnnpackBackend's preprocess_multimethod (which learns the partition
+    count) and preprocess are wrapped for the duration of the block and restored after it."""
+    import time
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    own = {k: XnnpackBackend.__dict__[k] for k in ("preprocess", "preprocess_multimethod") if k in XnnpackBackend.__dict__}
+    compile_one, compile_all = XnnpackBackend.preprocess, XnnpackBackend.preprocess_multimethod.__func__
+    state = {"done": 0, "total": 0, "start": time.perf_counter()}
+
+    def preprocess_multimethod(cls, programs, specs):
+        state["total"] = sum(len(v) for v in programs.values())
+        say(f"compiling {state['total']} XNNPACK partitions")
+        return compile_all(cls, programs, specs)
+
+    def preprocess(program, specs):
+        result = compile_one(program, specs)
+        state["done"] += 1
+        say(f"XNNPACK partition {state['done']}/{state['total'] or '?'} compiled "
+            f"({time.perf_counter() - state['start']:.0f} s)")
+        return result
+
+    XnnpackBackend.preprocess = staticmethod(preprocess)
+    XnnpackBackend.preprocess_multimethod = classmethod(preprocess_multimethod)
+    try:
+        yield
+    finally:
+        for k in ("preprocess", "preprocess_multimethod"):
+            if k in own:
+                setattr(XnnpackBackend, k, own[k])
+            else:
+                delattr(XnnpackBackend, k)
 
 
 class ExecuTorchTarget(Target):
@@ -415,7 +453,8 @@ class ExecuTorchTarget(Target):
                 if isinstance(m, FusedHead):
                     m.shared.out = None
             _say(f"exported in {time.perf_counter() - t0:.0f} s; lowering forward to XNNPACK")
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+            with partition_progress(_say):
+                edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
             _say(f"lowered in {time.perf_counter() - t0:.0f} s; emitting the program")
             program = edge.to_executorch(ExecutorchBackendConfig(
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False), emit_mutable_buffer_names=True))

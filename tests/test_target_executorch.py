@@ -323,3 +323,30 @@ def test_smollm2_text_llm_runner_32_tokens():
     n = len(pieces)
     assert n == 32 or want[n - 1] in eos or want[n] in eos
     assert "".join(pieces) == tok.decode(want[:n])
+
+
+def test_lowering_reports_each_xnnpack_partition_and_restores_the_backend():
+    """partition_progress says how many XNNPACK partitions lowering compiles and reports each one as
+    it is compiled; XnnpackBackend is as before afterwards."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgeslm.targets.executorch import partition_progress
+
+    class TwoPartitions(torch.nn.Module):  # a cumsum (not delegated) between two linears
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.b(torch.cumsum(self.a(x), 1))
+
+    before = dict(XnnpackBackend.__dict__)
+    said = []
+    exported = torch.export.export(TwoPartitions().eval(), (torch.randn(2, 8),))
+    with partition_progress(said.append):
+        to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+    assert said[0] == "compiling 2 XNNPACK partitions"
+    assert [s.split(" compiled")[0] for s in said[1:]] == ["XNNPACK partition 1/2", "XNNPACK partition 2/2"]
+    assert dict(XnnpackBackend.__dict__) == before
