@@ -20,6 +20,7 @@ lever to the one before it), so a lever's effect is the difference between neigh
   refine-awq    refine + AWQ's per-channel input scales searched and folded, then GPTQ
   refine-choice refine + per set of linears sharing an input, the grid with the least output error
                 on the calibration inputs among RTN, GPTQ, AWQ+RTN and AWQ+GPTQ
+  refine-awq-calib32  refine-awq with 32 x 512 calibration tokens
 For every (config, seed): the float model is loaded, quantized in memory by quantize_model with
 calibration_tokens(seed=seed) (that many windows drawn at random from Brown train), and scored on
 the first --tokens Brown test tokens at context 512 (quality.py's tokens). Writes <out>.json / .md
@@ -52,6 +53,7 @@ CONFIGS = {
     "refine-calib128": (dict(scale_search="refine", embedding="gptq", true_sequential=False), 128),
     "refine-awq": (dict(scale_search="refine", embedding="gptq", awq_scales=True), 8),
     "refine-choice": (dict(scale_search="refine", embedding="gptq", layer_choice=True), 8),
+    "refine-awq-calib32": (dict(scale_search="refine", embedding="gptq", awq_scales=True), 32),
 }
 
 

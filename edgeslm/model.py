@@ -77,12 +77,19 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x, cos, sin, rotary_dim: int):
+class RotateHalf(nn.Module):
+    """rotate_half as a module of each attention layer, so that a target can compute it its own way."""
+
+    def forward(self, x):
+        return rotate_half(x)
+
+
+def apply_rope(x, cos, sin, rotary_dim: int, rotate=rotate_half):
     """x: [B, H, T, D]; cos/sin: [T, rotary_dim]. Rotates the first rotary_dim dims (HF convention)."""
     if rotary_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     rot, keep = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+    return torch.cat((rot * cos + rotate(rot) * sin, keep), dim=-1)
 
 
 class KVAttention(nn.Module):
@@ -140,6 +147,7 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = Norm(spec.norm, d, spec.norm_eps)
             self.k_norm = Norm(spec.norm, d, spec.norm_eps)
+        self.rotate_half = RotateHalf()
         self.kv_attention = KVAttention(spec, layer)
 
     def forward(self, x, cos, sin, q_pos, start_pos, k_cache, v_cache, inplace: bool):
@@ -149,8 +157,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin, self.spec.rotary_dim)
-        k = apply_rope(k, cos, sin, self.spec.rotary_dim)
+        q = apply_rope(q, cos, sin, self.spec.rotary_dim, self.rotate_half)
+        k = apply_rope(k, cos, sin, self.spec.rotary_dim, self.rotate_half)
         out, k_cache, v_cache = self.kv_attention(q, k, v, q_pos, start_pos, k_cache, v_cache, inplace)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
         return self.o_proj(out), k_cache, v_cache

@@ -184,7 +184,60 @@ def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
 
     if progress is not None and any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
         progress("int4 table -> gather + 8da4w lm_head")
-    return map_quantized_modules(model, linear, lambda m: Embedding8da4w(m, bins.get(m)))
+    map_quantized_modules(model, linear, lambda m: Embedding8da4w(m, bins.get(m)))
+    return for_xnnpack_partitions(model)
+
+
+class RmsNormLinearMean(nn.Module):
+    """An RMSNorm whose mean of squares is a linear by a constant 1/D row. XNNPACK delegates linears
+    over a dynamic length but mean.dim only as a 4-D spatial pool, so the plain norm leaves a
+    portable mean between two XNNPACK partitions twice per layer; this one keeps each layer's
+    norms inside the partitions around them."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.kind, self.eps, self.weight = norm.kind, norm.eps, norm.weight
+        dim = norm.weight.shape[0]
+        self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        y = x32 * torch.rsqrt(nn.functional.linear(x32 * x32, self.mean_row) + self.eps)
+        if self.kind == "rms_gemma":
+            return (y * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * y.to(x.dtype)
+
+
+class RotateHalfLinear(nn.Module):
+    """rotate_half as a linear by a constant signed permutation (exact: one +-1 term per output).
+    XNNPACK delegates it over a dynamic length; the cat of two slices it replaces is portable and
+    splits the partition around each layer's rope."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        half, rows = dim // 2, torch.arange(dim // 2)
+        rotation = torch.zeros(dim, dim)
+        rotation[rows, rows + half] = -1.0  # out[i] = -x[i + half]
+        rotation[rows + half, rows] = 1.0  # out[i + half] = x[i]
+        self.register_buffer("rotation", rotation)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.rotation)
+
+
+def for_xnnpack_partitions(model):
+    """In place, the same function in ops XNNPACK delegates over a dynamic length: every RMSNorm
+    (layer norms stay) -> RmsNormLinearMean, every attention's rotate_half -> RotateHalfLinear."""
+    from ..model import Norm, RotateHalf
+
+    for name, mod in list(model.named_modules()):
+        *path, attr = name.split(".")
+        parent = model.get_submodule(".".join(path))
+        if isinstance(mod, Norm) and mod.kind != "layer":
+            setattr(parent, attr, RmsNormLinearMean(mod))
+        elif isinstance(mod, RotateHalf):
+            setattr(parent, attr, RotateHalfLinear(model.spec.rotary_dim))
+    return model
 
 
 def calibration_for(model, tokenizer, context: int) -> torch.Tensor:
