@@ -16,7 +16,7 @@ from edgeslm.schemes.int4 import Int4Linear
 from edgeslm.schemes.int8_groups import Int8GroupEmbedding, int8_group_grid_rtn
 from edgeslm.targets.registry import get_target
 from tiny import tiny_pair
-from tiny_export import isolated_cache, tiny_model_folder
+from tiny_export import assert_exports_and_verifies, isolated_cache, tiny_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +66,7 @@ def test_checkpoint_round_trip(tiny):
 @pytest.mark.parametrize("target", ["onnx", "coreml"])
 def test_exports_and_verifies(tiny, target):
     tmp, folder = tiny
-    reason = get_target(target).unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    art = edgeslm.export(folder, target=target, scheme="q4g32e8-gptq", out=tmp / target, context=128, progress=False)
-    assert art.passed is True
-    assert edgeslm.verify(art, progress=False).passed is True
+    assert_exports_and_verifies(folder, tmp / target, target, "q4g32e8-gptq")
 
 
 def test_gguf_is_q4_0_with_a_q8_0_table_and_verifies_in_llama_cpp(tmp_path, monkeypatch):
@@ -83,12 +78,9 @@ def test_gguf_is_q4_0_with_a_q8_0_table_and_verifies_in_llama_cpp(tmp_path, monk
         pytest.skip("llama.cpp not installed (bash scripts/setup.sh)")
     isolated_cache(tmp_path, monkeypatch)
     folder = byte_level_folder(tmp_path / "tiny", "qwen2")
-    art = edgeslm.export(folder, target="gguf", scheme="q4g32e8-gptq", out=tmp_path / "gguf", context=128,
-                         progress=False)
-    assert art.passed is True
+    art = assert_exports_and_verifies(folder, tmp_path / "gguf", "gguf", "q4g32e8-gptq")
     types = art.manifest["ggml_types"]
     assert types.get("Q8_0") == 1 and types.get("Q4_0", 0) > 0, types
-    assert edgeslm.verify(art, progress=False).passed is True
 
 
 @pytest.mark.parametrize("target", ["executorch", "webgpu"])

@@ -10,7 +10,7 @@ import edgeslm
 from edgeslm.schemes import get_scheme
 from edgeslm.targets.registry import get_target
 from tiny import tiny_pair
-from tiny_export import isolated_cache, tiny_model_folder
+from tiny_export import assert_exports_and_verifies, isolated_cache, tiny_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +50,7 @@ def test_checkpoint_round_trip(tiny):
 @pytest.mark.parametrize("target", ["onnx", "coreml"])
 def test_exports_and_verifies(tiny, target):
     tmp, folder = tiny
-    reason = get_target(target).unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    art = edgeslm.export(folder, target=target, scheme="q8g32", out=tmp / target, context=128, progress=False)
-    assert art.passed is True
-    assert edgeslm.verify(art, progress=False).passed is True
+    assert_exports_and_verifies(folder, tmp / target, target, "q8g32")
 
 
 @pytest.mark.parametrize("target", ["executorch", "webgpu"])

@@ -40,3 +40,20 @@ def isolated_cache(tmp: Path, monkeypatch) -> Path:
     (cache / brown.name).symlink_to(brown)
     monkeypatch.setenv("EDGESLM_CACHE", str(cache))
     return cache
+
+
+def assert_exports_and_verifies(folder: Path, out: Path, target: str, scheme: str):
+    """`edgeslm.export` of folder passes its parity check in target's runtime, and `edgeslm.verify`
+    passes on the artifact (skipped where the target's runtime is not installed)."""
+    import pytest
+
+    import edgeslm
+    from edgeslm.targets.registry import get_target
+
+    reason = get_target(target).unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    art = edgeslm.export(folder, target=target, scheme=scheme, out=out, context=128, progress=False)
+    assert art.passed is True
+    assert edgeslm.verify(art, progress=False).passed is True
+    return art
