@@ -259,6 +259,9 @@ def _check_devices(target_rows, profiles, overrides, log) -> list[dict]:
         folder = Path(row["dir"])
         manifest = read_manifest(folder)
         for profile in profiles:
+            if row["target"] not in profile.targets:  # e.g. a GGUF for a phone profile: not a deployment
+                log(f"[deploy] {row['target']} is not a target of {profile.name}: not checked there")
+                continue
             budgets = budgets_for(profile, overrides)
             log(f"[deploy] check {row['target']} on {profile.name}")
             for result in figures_for(folder, manifest, profile, int(budgets["prompt_tokens"]), **timing):
