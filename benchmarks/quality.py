@@ -75,7 +75,8 @@ def main(argv=None):
     peers = [t for t in args.llamacpp.split(",") if t]
     from edgeslm.targets.gguf import llama_cpp_python
 
-    if peers and llama_cpp_python() is None:
+    llama_py = llama_cpp_python() if peers else None
+    if peers and llama_py is None:
         print("llama.cpp rows need llama-cpp-python: run bash scripts/setup.sh (or pass --llamacpp '')",
               file=sys.stderr)
         return 2
@@ -111,7 +112,7 @@ def main(argv=None):
         log(f"{kind} {name} ...")
         try:
             row = edgeslm_row(name, folder, tokens, args.context) \
-                if kind == "edgeslm" else llamacpp_row(name, source, tokens, args.context, args.threads)
+                if kind == "edgeslm" else llamacpp_row(name, source, tokens, args.context, args.threads, llama_py)
         except Exception as e:  # a failed row is reported, the run goes on
             log(f"  {kind} {name} failed: {type(e).__name__}: {e}")
             row = {"variant": name if kind == "edgeslm" else f"llama.cpp {name}", "quantizer": kind,
@@ -152,23 +153,23 @@ def edgeslm_row(name, folder, tokens, context):
     return row
 
 
-def llamacpp_row(name, source: Path, tokens, context, threads):
+def llamacpp_row(name, source: Path, tokens, context, threads, python: str):
     """llama.cpp's quantizer from the source GGUF to `name` (TYPE, TYPE-pure or Q4_1-source), then
-    its perplexity as llama.cpp computes the logits."""
+    its perplexity as llama.cpp computes the logits; both run by `python`, an interpreter with llama_cpp."""
     with tempfile.TemporaryDirectory(prefix="llamacpp-quant-") as tmp:
         if name.endswith("-source"):
             path, facts = source, {"seconds": 0.0}
         else:
             ftype, pure = name.removesuffix("-pure"), name.endswith("-pure")
             path = Path(tmp) / f"{name}.gguf"
-            cmd = [sys.executable, str(QUANTIZE_SCRIPT), str(source), str(path), ftype, "--threads", str(threads)]
+            cmd = [python, str(QUANTIZE_SCRIPT), str(source), str(path), ftype, "--threads", str(threads)]
             r = subprocess.run(cmd + (["--pure"] if pure else []), capture_output=True, text=True)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             facts = json.loads(lines[-1]) if lines else {"error": (r.stderr.strip().splitlines() or ["no message"])[-1]}
             if r.returncode != 0 or "error" in facts:
                 raise RuntimeError(f"llama_model_quantize to {name}: {facts.get('error')}")
         weights, params, types = gguf_tensor_facts(path)
-        ppl, predicted = llamacpp_perplexity(path, tokens, context, threads)
+        ppl, predicted = llamacpp_perplexity(path, tokens, context, threads, python)
     return {"variant": f"llama.cpp {name}", "quantizer": "llama.cpp",
             "description": f"llama_model_quantize to {name} from {source.name}" if facts["seconds"] else
             f"{source.name} as shipped", "weights_bytes": weights, "parameters": params,
@@ -188,7 +189,7 @@ def gguf_tensor_facts(path: Path):
             dict(sorted(types.items())))
 
 
-def llamacpp_perplexity(path: Path, tokens, context, threads, attempts: int = 3):
+def llamacpp_perplexity(path: Path, tokens, context, threads, python: str, attempts: int = 3):
     """exp(mean NLL) over the windows evaluate.perplexity cuts (no special-token prefix), each scored
     from an empty cache by targets/gguf_worker.py (llama.cpp with every position's logits). A worker
     that dies before answering is started again (up to `attempts` times)."""
@@ -197,7 +198,7 @@ def llamacpp_perplexity(path: Path, tokens, context, threads, attempts: int = 3)
 
     ids = tokens.tolist()
     windows = [w for w in (ids[i : i + context] for i in range(0, len(ids), context)) if len(w) > 1]
-    cmd = [sys.executable, str(GGUF_WORKER), str(path), str(context), str(threads), "f16", "all"]
+    cmd = [python, str(GGUF_WORKER), str(path), str(context), str(threads), "f16", "all"]
     for attempt in range(1, attempts + 1):
         worker = None
         try:

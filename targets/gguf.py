@@ -47,7 +47,6 @@ from .base import ExportContext, Runner, Target
 
 GGUF_FILE = "model.gguf"
 Q_BLOCK = 32  # weights per Q4_0 / Q8_0 block
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
