@@ -69,6 +69,12 @@ def main():
                 gen = generator(len(tokens))  # a window may fill the artifact's whole context
                 gen.append_tokens(np.array([tokens], dtype=np.int32))
                 logits = np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1, model_vocab(gen))
+                if logits.shape[0] == 1 < len(tokens):  # a pruned graph (last position only): one token per call
+                    gen, rows = generator(len(tokens)), []
+                    for t in tokens:
+                        gen.append_tokens(np.array([[t]], dtype=np.int32))
+                        rows.append(np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1))
+                    logits = np.stack(rows)
                 if logits.shape[0] != len(tokens):
                     raise RuntimeError(f"genai returned logits for {logits.shape[0]} of {len(tokens)} positions")
                 logits = logits[:-1]

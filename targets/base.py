@@ -40,7 +40,8 @@ class Runner:
         raise NotImplementedError
 
     def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """tokens [1, T] at positions start.. -> logits [1, T, V] (fp32), updating the cache."""
+        """tokens [1, T] at positions start.. -> logits [1, T, V] (fp32), updating the cache. A runtime
+        whose graph computes the last position only returns [1, 1, V] and sets score_chunk = 1."""
         raise NotImplementedError
 
     def decode(self, token: int, pos: int) -> torch.Tensor:

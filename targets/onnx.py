@@ -262,7 +262,10 @@ class GenaiRunner(Runner):
 
     Generator keeps the KV cache and positions itself, so prefill/decode must continue the sequence
     it holds (start == the tokens it has seen); reset starts a new Generator. Logits come from the
-    graph's `logits` output: every position of the last append_tokens call."""
+    graph's `logits` output: the last position of the last append_tokens call (the graph is pruned),
+    so scoring a window feeds it one token per call."""
+
+    score_chunk = 1
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         import onnxruntime_genai as og
@@ -303,7 +306,7 @@ class GenaiRunner(Runner):
 
     def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         self._at(start)
-        return torch.from_numpy(self._append(tokens.numpy()).reshape(1, tokens.shape[1], -1))
+        return torch.from_numpy(self._append(tokens.numpy()).reshape(1, -1, self.model_vocab()))
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         self._at(pos)
@@ -321,6 +324,8 @@ class OrtRunner(Runner):
     """The same model.onnx in a plain onnxruntime session: the second check (tests compare it with
     the Generator path), and the one path that can feed GroupQueryAttention a past shorter than the
     buffer (past and present not shared), which shows the graph does not rely on genai's buffer."""
+
+    score_chunk = 1  # the graph's logits are the last position's
 
     def __init__(self, folder: Path, manifest: dict, threads: int | None = None):
         import onnxruntime as ort

@@ -1,7 +1,7 @@
 """The decoder as one onnxruntime-genai graph, written node by node from the Decoder's spec and modules.
 
     input_ids [B, S] int64, attention_mask [B, P+S] int64, past_key_values.N.key/value [B, Hkv, *, D]
-      -> logits [B, S, V] float32, present.N.key/value [B, Hkv, *, D]
+      -> logits [B, 1, V] float32 (the last position's), present.N.key/value [B, Hkv, *, D]
 
 Every layer is the decoder's own layer, in ONNX Runtime's fused contrib operators:
   - norms: SimplifiedLayerNormalization, and SkipSimplifiedLayerNormalization where a residual add
@@ -17,7 +17,11 @@ Every layer is the decoder's own layer, in ONNX Runtime's fused contrib operator
     rope table with the rope's attention scaling folded in), Gemma 2's soft-cap (softcap), sliding
     window (local_window_size), and one KV buffer shared by past and present (genai's
     past_present_share_buffer);
-  - final soft-cap: Div, Tanh, Mul.
+  - final soft-cap: Div, Tanh, Mul;
+  - the lm_head reads the last position only (a Slice before it), so the logits output is
+    [B, 1, V]: a generator samples from the last position alone, and onnxruntime-genai recognises
+    a logits output whose dim 1 is 1 as a pruned model (its builder's prune_lm_head). A prefill of
+    S tokens then runs the largest matmul (V x hidden) once rather than S times.
 
 A feature GroupQueryAttention cannot express (on the CPU EP) gets a per-layer fallback, recorded in
 the graph facts (`attention_fallbacks`, layer -> what):
@@ -350,7 +354,8 @@ class DecoderGraph:
             if s.sandwich_norms:
                 mo = self.norm(mo, layer.mlp_post_norm, f"{p}.mlp_post_norm")
             x, normed = self.add_norm(mo, x, nxt, nxt_name)
-        logits = self.lm_head(normed)
+        last = g.op("Slice", [normed, g.const([-1]), g.const([np.iinfo(np.int64).max]), g.const([1])], "last_position")
+        logits = self.lm_head(last)
         if s.final_softcap is not None:
             c = g.const(np.float32(s.final_softcap), np.float32)
             logits = g.op("Tanh", [g.op("Div", [logits, c], "final_softcap/div")], "final_softcap/tanh")
@@ -361,7 +366,7 @@ class DecoderGraph:
         inputs = [helper.make_tensor_value_info(IO["input_ids"], TensorProto.INT64, ["batch_size", "sequence_length"]),
                   helper.make_tensor_value_info(IO["attention_mask"], TensorProto.INT64,
                                                 ["batch_size", "total_sequence_length"])]
-        outputs = [helper.make_tensor_value_info(IO["logits"], f32, ["batch_size", "sequence_length", s.vocab_size])]
+        outputs = [helper.make_tensor_value_info(IO["logits"], f32, ["batch_size", 1, s.vocab_size])]
         for i in range(s.num_layers):
             for kv in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(IO[f"past_{kv}"] % i, f32,
