@@ -270,8 +270,9 @@ class Decoder(nn.Module):
         scale = self.rope_scaling[key]
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
-    def forward(self, tokens, start_pos=0, cache: list[torch.Tensor] | None = None):
-        """tokens [B, T] -> (logits [B, T, V], cache). start_pos: int or 0-dim int64 tensor."""
+    def forward(self, tokens, start_pos=0, cache: list[torch.Tensor] | None = None, last_only: bool = False):
+        """tokens [B, T] -> (logits [B, T, V], cache). start_pos: int or 0-dim int64 tensor.
+        last_only: logits [B, 1, V] of the last position (the lm_head runs once, not T times)."""
         s = self.spec
         start_pos = torch.as_tensor(start_pos, dtype=torch.long, device=tokens.device)
         t = tokens.shape[1]
@@ -287,7 +288,7 @@ class Decoder(nn.Module):
             h, kc, vc = layer(h, cos, sin, q_pos, start_pos, kc, vc, self.inplace_cache)
             if new_cache is not None:
                 new_cache += [kc, vc]
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         logits = self.lm_head(h) if self.lm_head is not None else self.embed_tokens.project(h)
         if s.final_softcap is not None:
             logits = torch.tanh(logits / s.final_softcap) * s.final_softcap

@@ -1,6 +1,7 @@
 """ExecuTorch target: one .pte program lowered to XNNPACK that speaks ExecuTorch's LLM-runner contract.
 
-  forward(tokens [1, T], input_pos [1]) -> logits [1, T, V]     T dynamic, 1..get_max_seq_len
+  forward(tokens [1, T], input_pos [1]) -> logits [1, 1, V]     T dynamic, 1..get_max_seq_len;
+                                                                 the last position's logits only
   constant methods: get_max_seq_len, get_max_context_len, get_vocab_size, get_n_layers,
   use_kv_cache, use_sdpa_with_kv_cache, enable_dynamic_shape, get_bos_id, get_eos_ids
 
@@ -355,15 +356,17 @@ def simulation_of(prepared):
 
 
 class LlmProgram(nn.Module):
-    """ExecuTorch's LLM-runner method: forward(tokens [1, T], input_pos [1]) -> logits [1, T, V],
-    T dynamic in 1..max_seq_len; the KV cache lives in the swapped-in attention modules' buffers."""
+    """ExecuTorch's LLM-runner method: forward(tokens [1, T], input_pos [1]) -> logits [1, 1, V] of
+    the last position (what the runner samples from, and what ExecuTorch's own llm export emits
+    unless asked for full logits: a prefill runs the lm_head once), T dynamic in 1..max_seq_len;
+    the KV cache lives in the swapped-in attention modules' buffers."""
 
     def __init__(self, decoder):
         super().__init__()
         self.decoder = decoder
 
     def forward(self, tokens, input_pos):
-        logits, _ = self.decoder(tokens, input_pos[0], None)
+        logits, _ = self.decoder(tokens, input_pos[0], None, last_only=True)
         return logits
 
 
@@ -561,7 +564,10 @@ def load_runtime_ops():
 
 class ExecuTorchRunner(Runner):
     """Drives the program as ExecuTorch's LLM runner does: forward over chunks of at most
-    get_max_seq_len tokens at consecutive positions, from position 0 for a new sequence."""
+    get_max_seq_len tokens at consecutive positions, from position 0 for a new sequence. The
+    program returns the last position's logits, so scoring a window feeds it one token per call."""
+
+    score_chunk = 1
 
     def __init__(self, folder: Path, manifest: dict):
         from importlib import metadata
@@ -610,10 +616,9 @@ class ExecuTorchRunner(Runner):
         return out
 
     def prefill(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        pieces = []
         for i in range(0, tokens.shape[1], self.max_seq_len):
-            pieces.append(self._run(tokens[:, i : i + self.max_seq_len], start + i).clone())
-        return torch.cat(pieces, dim=1)
+            logits = self._run(tokens[:, i : i + self.max_seq_len], start + i)
+        return logits[:, -1:].clone()
 
     def decode(self, token: int, pos: int) -> torch.Tensor:
         return self._run(torch.tensor([[token]], dtype=torch.long), pos)[0, -1].clone()

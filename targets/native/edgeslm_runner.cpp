@@ -2,7 +2,7 @@
 // the given prompt token ids, and prints one JSON object with the tokens and the timings.
 //
 // It drives the program as ExecuTorch's LLM runner (extension/llm/runner, TextLLMRunner) does:
-//   forward(tokens int [1, T], input_pos int [1]) -> logits [1, T, V], T dynamic up to get_max_seq_len,
+//   forward(tokens int [1, T], input_pos int [1]) -> logits [1, 1, V] (or [1, T, V]), T dynamic up to get_max_seq_len,
 // the KV cache in the program's mutable buffers; the prompt goes in chunks of at most
 // get_max_seq_len tokens, then one token per call. get_max_seq_len, get_max_context_len and
 // get_vocab_size are read from the program's constant methods. A prompt plus steps beyond
@@ -198,7 +198,7 @@ struct Forward {
     auto result = module.execute("forward", std::vector<EValue>{EValue(*tokens), EValue(*position)});
     if (!result.ok()) check(result.error(), "executing 'forward'");
     const Tensor logits = result.get()[0].toTensor();
-    if (logits.scalar_type() != ScalarType::Float || logits.dim() < 2) fail("forward must return float logits [1, T, V]");
+    if (logits.scalar_type() != ScalarType::Float || logits.dim() < 2) fail("forward must return float logits [1, T or 1, V]");
     const int64_t v = logits.size(logits.dim() - 1);
     const int64_t rows = logits.numel() / v;
     const float* row = logits.const_data_ptr<float>() + (rows - 1) * v;
