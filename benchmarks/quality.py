@@ -84,7 +84,7 @@ def main(argv=None):
     from edgeslm.data import load_eval_text
     from edgeslm.evaluate import eval_tokens, text_prefix
     from edgeslm.loading import default_model_gguf, load_model, load_tokenizer, resolve_model_path
-    from edgeslm.quantizer import CALIBRATED_RECIPE, CALIBRATION_LENGTH, CALIBRATION_SAMPLES
+    from edgeslm.quantizer import CALIBRATED_RECIPE, CALIBRATION_LENGTH, CALIBRATION_SAMPLES, RECIPE
 
     torch.manual_seed(0)
     folder = resolve_model_path(args.model)
@@ -102,7 +102,7 @@ def main(argv=None):
               "model": str(folder), "source_gguf": str(source) if source else None, "data": "brown:test",
               "tokens": int(tokens.numel()), "context": args.context,
               "calibration": f"brown:train, first {CALIBRATION_SAMPLES} x {CALIBRATION_LENGTH} tokens",
-              "recipe": CALIBRATED_RECIPE, "torch_threads": torch.get_num_threads(), "llamacpp_threads": args.threads,
+              "recipe": f"{CALIBRATED_RECIPE} {RECIPE}", "torch_threads": torch.get_num_threads(), "llamacpp_threads": args.threads,
               "complete": False, "rows": []}
     rows = report["rows"]
     todo = [("edgeslm", s) for s in schemes[:1]] + [("llama.cpp", t) for t in peers] + \

@@ -8,7 +8,9 @@ norm or linear, so an AWQ checkpoint needs no extra runtime op.
  - gptq: layer by layer over calibration activations (inputs of each layer come from the already
          quantized layers before it), column-wise error feedback through the inverse Hessian
          (Frantar et al. 2022), columns in descending Hessian-diagonal order ("act order") with
-         per-group scales fixed before the sweep, chosen by an activation-weighted clip search.
+         per-group scales fixed before the sweep, chosen by an activation-weighted clip search;
+         by default (RECIPE) AWQ's input scales are searched and folded first, then GPTQ runs on
+         the scaled linears.
  - awq:  per input channel scales s = mean|x|^a (Lin et al. 2023), a grid-searched on the output
          error of the linears sharing that input, folded into the norm / linear before them;
          then the same activation-weighted clip search and round-to-nearest.
@@ -103,10 +105,11 @@ class Recipe:
     layer_choice: bool = False
 
 
-# what the schemes use (CALIBRATED_RECIPE names it in the cache key); each choice measured by
-# benchmarks/quality_levers.py: the refined scale search and the table by GPTQ lowered q4g32-gptq's
-# perplexity, true-sequential did not
-RECIPE = Recipe()
+# what the schemes use (its repr is part of reference_folder's cache key); each choice measured by
+# benchmarks/quality_levers.py over 3 calibration seeds: the refined scale search, the table by GPTQ
+# and AWQ's scales before GPTQ lowered q4g32-gptq's perplexity; true-sequential and the per-layer
+# choice of method did not
+RECIPE = Recipe(awq_scales=True)
 
 
 @torch.no_grad()
@@ -566,7 +569,7 @@ def reference_folder(model_name, scheme, calibration_source: str = DEFAULT_CALIB
     weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) + [folder / "config.json"]
     calibration_file = Path(calibration_source)
     key = content_key(*weights, calibration_file if calibration_file.is_file() else calibration_source, SCALE_GRID,
-                      f"{CALIBRATED_RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}" if scheme.needs_calibration
+                      f"{CALIBRATED_RECIPE}:{RECIPE}:{CALIBRATION_SAMPLES}x{CALIBRATION_LENGTH}" if scheme.needs_calibration
                       else "", scheme.name)
     h = hashlib.sha256(key.encode())
     target = cache_dir() / "quantized" / f"{folder.name}-{h.hexdigest()[:12]}-{scheme.name}"
