@@ -44,6 +44,7 @@ def main():
         params.set_search_options(max_length=max_length, do_sample=False)
         return og.Generator(model, params)
 
+    pruned = False  # learnt from the first window: the graph returns the last position's logits only
     answer({"ready": True, "onnxruntime_genai": og.__version__})
     for line in sys.stdin:
         req = json.loads(line)
@@ -67,10 +68,14 @@ def main():
             elif req["op"] == "nll":
                 tokens = [int(t) for t in req["tokens"]]
                 gen = generator(len(tokens))  # a window may fill the artifact's whole context
-                gen.append_tokens(np.array([tokens], dtype=np.int32))
-                logits = np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1, model_vocab(gen))
-                if logits.shape[0] == 1 < len(tokens):  # a pruned graph (last position only): one token per call
-                    gen, rows = generator(len(tokens)), []
+                if not pruned:
+                    gen.append_tokens(np.array([tokens], dtype=np.int32))
+                    logits = np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1, model_vocab(gen))
+                    pruned = logits.shape[0] == 1 < len(tokens)
+                    if pruned:
+                        gen = generator(len(tokens))
+                if pruned:  # one token per call, each call's logits are that position's
+                    rows = []
                     for t in tokens:
                         gen.append_tokens(np.array([[t]], dtype=np.int32))
                         rows.append(np.asarray(gen.get_output("logits"), dtype=np.float64).reshape(-1))

@@ -152,7 +152,7 @@ def genai_build(hf_folder: Path, out: Path, threads: int, extra_options: tuple[s
            "-e", "cpu", "-c", str(out.parent / "genai-cache")]
     if extra_options:
         cmd += ["--extra_options", *extra_options]
-    log("building the onnxruntime-genai int4 model (its builder)")
+    log(f"building the onnxruntime-genai int4 model (its builder{', ' + ' '.join(extra_options) if extra_options else ''})")
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)
