@@ -88,11 +88,11 @@ class NativeWorker:
 
     def __init__(self, name, folder: Path, threads: int):
         from edgeslm.artifact import read_manifest
-        from edgeslm.latency import build_native_runner, native_methods, pte_file
+        from edgeslm.latency import build_native_runner, native_args, pte_file
 
         self.name = name
         manifest = read_manifest(folder)
-        self.binary, self.pte, self.extra = build_native_runner(), pte_file(folder, manifest), native_methods(manifest)
+        self.binary, self.pte, self.extra = build_native_runner(), pte_file(folder, manifest), native_args(folder, manifest)
         self.env = {"OMP_NUM_THREADS": str(threads)}
 
     def ask(self, op, prompt=None, decode=0, tokens=None):

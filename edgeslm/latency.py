@@ -227,15 +227,9 @@ def pte_file(folder, manifest: dict) -> Path:
     return Path(folder) / ptes[0]
 
 
-def native_methods(manifest: dict) -> list[str]:
-    methods = manifest.get("methods") or {}
-    args = []
-    if isinstance(methods, dict):
-        if "prefill" in methods:
-            args += ["--prefill-method", str(methods["prefill"] if isinstance(methods["prefill"], str) else "prefill")]
-        if "decode" in methods:
-            args += ["--decode-method", str(methods["decode"] if isinstance(methods["decode"], str) else "decode")]
-    return args
+def native_args(folder, manifest: dict) -> list[str]:
+    """edgeslm-runner's options besides --model: the program's weights file, when it has one."""
+    return ["--data", str(Path(folder) / manifest["weights"])] if manifest.get("weights") else []
 
 
 def run_native(binary, pte, prompt: list[int], steps: int, runs: int = 1, warmup: int = 0, extra=()) -> tuple[dict, float]:
@@ -248,7 +242,7 @@ def measure_native(folder, manifest: dict, prompt_tokens: int, decode_tokens: in
     binary = build_native_runner()
     prompt = prompt_ids(_vocab(folder, manifest), prompt_tokens)
     result, rss_mb = run_native(binary, pte_file(folder, manifest), prompt, decode_tokens, runs, warmup,
-                                native_methods(manifest))
+                                native_args(folder, manifest))
     return {"runner": "native: edgeslm-runner (ExecuTorch C++)", "measured": True, "tokens": result["tokens"],
             "figures": {**figures_from_runs(result["runs"], decode_tokens),
                         "peak_memory_mb": {"value": rss_mb, "note": "peak RSS of edgeslm-runner"}}}
@@ -280,6 +274,8 @@ def measure_android(serial: str, folder, manifest: dict, prompt_tokens: int, dec
     adb = ["adb", "-s", serial]
     for cmd in (adb + ["shell", "mkdir", "-p", ANDROID_DIR], adb + ["push", str(binary), f"{ANDROID_DIR}/"],
                 adb + ["push", str(pte), f"{ANDROID_DIR}/model.pte"],
+                *([adb + ["push", str(Path(folder) / manifest["weights"]), f"{ANDROID_DIR}/model.ptd"]]
+                  if manifest.get("weights") else []),
                 adb + ["shell", "chmod", "755", f"{ANDROID_DIR}/edgeslm-runner"]):
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
@@ -287,7 +283,7 @@ def measure_android(serial: str, folder, manifest: dict, prompt_tokens: int, dec
     prompt = prompt_ids(_vocab(folder, manifest), prompt_tokens)
     remote = (f"cd {ANDROID_DIR} && LD_LIBRARY_PATH={ANDROID_DIR} ./edgeslm-runner --model model.pte --tokens "
               f"{','.join(map(str, prompt))} --steps {decode_tokens} --runs {runs} --warmup {warmup} "
-              + " ".join(native_methods(manifest)))
+              + " ".join(native_args(ANDROID_DIR, {**manifest, "weights": "model.ptd" if manifest.get("weights") else None})))
     p = subprocess.run(adb + ["shell", remote], capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"edgeslm-runner on {serial}: {p.stderr.strip()[-300:]}")

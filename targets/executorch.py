@@ -51,6 +51,7 @@ from ..errors import CheckFailed, EdgeSLMError
 from .base import ExportContext, Runner, Target
 
 PROGRAM = "model.pte"
+WEIGHTS = "model.ptd"  # ExecuTorch's program-data separation: every constant, delegated or not
 
 
 # ---------------------------------------------------------------- int4 modules
@@ -144,25 +145,44 @@ class Linear8da4w(nn.Module):
 
 
 class Embedding8da4w(nn.Module):
-    """Row gather from our packed table (plain portable ops); project() is an 8da4w linear."""
+    """The tied int4 table: project() is an 8da4w linear (one per input-group bin) and forward()
+    gathers rows from the same bytes. Each bin's codes are kept packed exactly as XNNPACK
+    serializes that bin's weight (code + 8, even element in the low nibble), so the program's
+    weights file stores the table once (ExecuTorch's named data dedupes equal blobs)."""
 
     def __init__(self, m, bins: list[torch.Tensor] | None = None):
         super().__init__()
         self.group, self.dim = m.group_size, m.in_features
-        self.register_buffer("qweight", m.qweight)
-        self.register_buffer("scales", m.scales)
         self.head = Linear8da4w(m, bins)
+        order = []
+        for i in range(self.head.num_bins):
+            weight = getattr(self.head, f"weight_{i}")
+            self.register_buffer(f"codes_{i}", xnnpack_packed_int4(weight.qdata))
+            self.register_buffer(f"scales_{i}", weight.scale.to(m.scales.dtype))
+            channels = getattr(self.head, f"channels_{i}")
+            order.append(channels if channels is not None else torch.arange(self.dim))
+        # bins concatenated -> the table's channel order
+        self.register_buffer("unpermute", torch.argsort(torch.cat(order)) if self.head.num_bins > 1 else None)
 
     def forward(self, ids):
-        rows = self.qweight[ids].float()  # [B, T, K/2] bytes as floats: unpack with exact float math
-        high = torch.floor(rows / 16)
-        low = rows - 16 * high
-        codes = torch.stack((low, high), dim=-1).reshape(*ids.shape, self.dim // self.group, self.group)
-        w = (codes - 8.0) * self.scales[ids].float().unsqueeze(-1)
-        return w.reshape(*ids.shape, self.dim)
+        pieces = []
+        for i in range(self.head.num_bins):
+            rows = getattr(self, f"codes_{i}")[ids].float()  # [B, T, K_bin/2] bytes as floats: exact float unpacking
+            high = torch.floor(rows / 16)
+            low = rows - 16 * high
+            codes = torch.stack((low, high), dim=-1).reshape(*ids.shape, -1, self.group)
+            pieces.append(((codes - 8.0) * getattr(self, f"scales_{i}")[ids].float().unsqueeze(-1)).flatten(-2))
+        w = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        return w if self.unpermute is None else w.index_select(-1, self.unpermute)
 
     def project(self, h):
         return self.head(h)
+
+
+def xnnpack_packed_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes -8..7 [N, K] -> uint8 [N, K/2] as XNNPACK's serializer packs 4-bit weights."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, 1::2] << 4) | u[:, ::2]
 
 
 def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
@@ -435,6 +455,44 @@ def partition_progress(say):
                 delattr(XnnpackBackend, k)
 
 
+WEIGHTS_TAG = WEIGHTS.removesuffix(".ptd")  # ExecuTorch names the data file after the tag
+
+
+def weights_to_data_file(gm):
+    """A transform pass: every graph input that holds a constant goes to the WEIGHTS file, XNNPACK's
+    packed weights included (the partitioner reads the tag from node.meta["custom"]), so that equal
+    blobs -- the tied table's codes, gathered by the embedding and multiplied by the lm_head --
+    are stored once. The tag is harmless on the user inputs and the mutable KV buffers."""
+    from executorch.exir.pass_base import PassResult
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+    return PassResult(gm, True)
+
+
+def tied_table_stored_once(model, weights_file: Path) -> str | None:
+    """For a tied int4 table, checks the written data file: the embedding's packed codes of each bin
+    (named by their FQN) and XNNPACK's lm_head blob of that bin (named by the blob's sha256) are one
+    segment of the file."""
+    import hashlib
+
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorConfig, FlatTensorSerializer
+
+    table = getattr(model, "embed_tokens", None)
+    if not isinstance(table, Embedding8da4w):
+        return None
+    named = FlatTensorSerializer(FlatTensorConfig()).deserialize(weights_file.read_bytes()).named_data
+    for i in range(table.head.num_bins):
+        codes = getattr(table, f"codes_{i}").contiguous()
+        blob = named.get(hashlib.sha256(codes.numpy().tobytes()).hexdigest())
+        gathered = [e for k, e in named.items() if k.endswith(f"embed_tokens.codes_{i}")]
+        if blob is None or len(gathered) != 1 or gathered[0].buffer_index != blob.buffer_index:
+            raise CheckFailed(f"{weights_file.name} holds the tied table's bin {i} twice: the embedding's codes are "
+                              "not XNNPACK's lm_head blob")
+    return f"stored once: the embedding gathers the lm_head's XNNPACK blob ({table.head.num_bins} bin(s))"
+
+
 class ExecuTorchTarget(Target):
     name = "executorch"
     description = ("ExecuTorch .pte (XNNPACK) for ExecuTorch's LLM runner: forward(tokens, input_pos) over a KV cache in "
@@ -510,13 +568,21 @@ class ExecuTorchTarget(Target):
                     m.shared.out = None
             _say(f"exported in {time.perf_counter() - t0:.0f} s; lowering forward to XNNPACK")
             with partition_progress(_say):
-                edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=metadata)
+                edge = to_edge_transform_and_lower(exported, transform_passes=[weights_to_data_file],
+                                                   partitioner=[XnnpackPartitioner()], constant_methods=metadata)
             _say(f"lowered in {time.perf_counter() - t0:.0f} s; emitting the program")
             program = edge.to_executorch(ExecutorchBackendConfig(
-                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False), emit_mutable_buffer_names=True))
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False), emit_mutable_buffer_names=True,
+                external_constants=lambda node: WEIGHTS_TAG))
         with open(out / PROGRAM, "wb") as f:
             program.write_to_file(f)
-        _say(f"wrote {PROGRAM} ({(out / PROGRAM).stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.0f} s")
+        program.write_tensor_data_to_file(str(out))
+        if not (out / WEIGHTS).is_file():
+            raise CheckFailed(f"ExecuTorch wrote no {WEIGHTS} beside {PROGRAM}")
+        tied = tied_table_stored_once(model, out / WEIGHTS)
+        sizes = {f: (out / f).stat().st_size for f in (PROGRAM, WEIGHTS)}
+        _say(f"wrote {PROGRAM} ({sizes[PROGRAM] / 1e6:.2f} MB) + {WEIGHTS} ({sizes[WEIGHTS] / 1e6:.1f} MB) "
+             f"in {time.perf_counter() - t0:.0f} s")
         gm = edge.exported_program("forward").graph_module
         calls = [n for n in gm.graph.nodes if n.op == "call_function"]
         lowering = {"forward": {
@@ -524,7 +590,7 @@ class ExecuTorchTarget(Target):
             "portable_ops": sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
                                     for n in calls if "executorch_call_delegate" not in str(n.target)
                                     and "getitem" not in str(n.target)})}}
-        fields = {"program": PROGRAM, "methods": ["forward", *sorted(metadata)], "llm_metadata": metadata,
+        fields = {"program": PROGRAM, "weights": WEIGHTS, "methods": ["forward", *sorted(metadata)], "llm_metadata": metadata,
                   "max_seq_len": max_seq_len, "backend": "XNNPACK", "fused_projections": fused,
                   "attention": {k: v for k, v in kinds.items()}, "lowering": lowering,
                   "export_seconds": round(time.perf_counter() - t0, 1)}
@@ -532,6 +598,8 @@ class ExecuTorchTarget(Target):
             fields["tokenizer_file"] = "tokenizer/tokenizer.json"  # written by the export driver
         if bounds is not None:
             fields["parity_bounds"] = bounds
+        if tied is not None:
+            fields["tied_table"] = tied
         if bins_per_linear:
             fields["activation_ranges"] = {
                 "rule": f"input groups binned by calibration |x| max, ratio {RANGE_RATIO:g}, at most {MAX_BINS} per linear",
@@ -578,7 +646,8 @@ class ExecuTorchRunner(Runner):
         self.runtime = f"executorch {metadata.version('executorch')} (XNNPACK)"
         path = folder / manifest["program"]
         try:
-            self.program = Runtime.get().load_program(str(path))
+            weights = manifest.get("weights")
+            self.program = Runtime.get().load_program(str(path), data_path=str(folder / weights) if weights else None)
             names = set(self.program.method_names)
         except Exception as e:  # a damaged program must read as one line
             raise EdgeSLMError(f"executorch cannot load {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from edgeslm.latency import build_native_runner, pte_file, run_native
+from edgeslm.latency import build_native_runner, native_args, pte_file, run_native
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,9 @@ def test_native_tokens_equal_the_python_runtime(runner_binary, et_artifact):
     steps = 24
     python_runner = get_target("executorch").load(et_artifact, manifest)
     expected, _ = python_runner.generate_greedy(torch.tensor([prompt]), steps)
-    result, rss_mb = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, runs=2, warmup=1)
+    data = native_args(et_artifact, manifest)
+    assert data[0] == "--data" and data[1].endswith(".ptd")
+    result, rss_mb = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, runs=2, warmup=1, extra=data)
     assert result["tokens"] == expected.tolist()
     assert result["method"] == "forward" and result["max_seq_len"] == 64 and result["max_context_len"] == 64
     assert len(result["runs"]) == 2 and all(len(r["decode_ms"]) == steps - 1 for r in result["runs"])
@@ -73,7 +75,7 @@ def test_native_tokens_equal_the_python_runtime(runner_binary, et_artifact):
     # a short prompt, and a one-token prompt (decode only)
     for p in (prompt[:8], prompt[:1]):
         want, _ = python_runner.generate_greedy(torch.tensor([p]), 12)
-        got, _ = run_native(runner_binary, pte_file(et_artifact, manifest), p, 12)
+        got, _ = run_native(runner_binary, pte_file(et_artifact, manifest), p, 12, extra=data)
         assert got["tokens"] == want.tolist()
 
 
@@ -85,15 +87,18 @@ def test_native_runner_runs_the_runtime_llm_ops(runner_binary, et_llama):
     assert list(manifest["attention"]) == ["llama::update_cache + llama::custom_sdpa"]
     prompt = [5, 17, 42, 3, 88, 61, 9, 30, 71, 12, 50]
     want, _ = get_target("executorch").load(et_llama, manifest).generate_greedy(torch.tensor([prompt]), 20)
-    got, _ = run_native(runner_binary, pte_file(et_llama, manifest), prompt, 20)
+    got, _ = run_native(runner_binary, pte_file(et_llama, manifest), prompt, 20,
+                        extra=native_args(et_llama, manifest))
     assert got["tokens"] == want.tolist()
 
 
 def test_native_runner_rejects_bad_input(runner_binary, et_artifact, tmp_path):
     pte = str(next(et_artifact.glob("*.pte")))
-    cases = [["--model", pte, "--tokens", ",".join(["1"] * 60), "--steps", "10"],  # past the context of 64
-             ["--model", str(tmp_path / "none.pte"), "--tokens", "1"], ["--model", pte, "--tokens", "1,x"],
-             ["--model", pte, "--tokens", "100000"], ["--model", pte], ["--model", pte, "--tokens", "1", "--bogus", "1"]]
+    model = ["--model", pte, "--data", str(next(et_artifact.glob("*.ptd")))]
+    cases = [[*model, "--tokens", ",".join(["1"] * 60), "--steps", "10"],  # past the context of 64
+             ["--model", str(tmp_path / "none.pte"), "--tokens", "1"], [*model, "--tokens", "1,x"],
+             ["--model", pte, "--data", str(tmp_path / "none.ptd"), "--tokens", "1"],
+             [*model, "--tokens", "100000"], model, [*model, "--tokens", "1", "--bogus", "1"]]
     for args in cases:
         p = subprocess.run([str(runner_binary), *args], capture_output=True, text=True)
         assert p.returncode == 2, args
@@ -103,6 +108,8 @@ def test_native_runner_rejects_bad_input(runner_binary, et_artifact, tmp_path):
     broken.write_bytes(b"not a program" * 100)
     p = subprocess.run([str(runner_binary), "--model", str(broken), "--tokens", "1"], capture_output=True, text=True)
     assert p.returncode == 1 and "failed" in p.stderr
+    p = subprocess.run([str(runner_binary), "--model", pte, "--tokens", "1"], capture_output=True, text=True)
+    assert p.returncode == 1 and "failed" in p.stderr  # the program without its weights file
 
 
 def test_check_on_host_reports_the_native_runner(runner_binary, et_artifact, capsys, tmp_path):

@@ -148,7 +148,8 @@ def generate_text_llm_runner(folder, manifest, prompt: str, steps: int) -> list[
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     load_runtime_ops()  # the kernels an app links: llama custom ops, quantized ops
-    runner = TextLLMRunner(str(folder / manifest["program"]), str(folder / manifest["tokenizer_file"]))
+    runner = TextLLMRunner(str(folder / manifest["program"]), str(folder / manifest["tokenizer_file"]),
+                           str(folder / manifest["weights"]))
     pieces = []
     runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=steps, temperature=0.0), pieces.append)
     return pieces
@@ -156,7 +157,7 @@ def generate_text_llm_runner(folder, manifest, prompt: str, steps: int) -> list[
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_text_llm_runner_generates_the_reference_tokens(artifacts, family):
-    """TextLLMRunner(model_path, tokenizer_path) loads the .pte and tokenizer.json as exported and
+    """TextLLMRunner(model_path, tokenizer_path, data_path) loads the .pte, tokenizer.json and .ptd as exported and
     decodes greedily what the reference decodes; Gemma 2 (window 8, soft-caps) 4x past its window."""
     from edgeslm.loading import load_model
     from edgeslm.model import generate_greedy
@@ -214,8 +215,11 @@ def _copy(src, dst):
 
 
 def test_verify_fails_a_pte_with_swapped_weight_rows(artifacts, tmp_path, capsys):
-    """Two rows of the packed int4 table swapped inside the .pte, the manifest re-hashed so the
-    hash check passes: verify exits 1 naming the failed bound (logits, tokens or perplexity)."""
+    """Two rows of the packed int4 table swapped inside the weights file (every input group of both
+    rows, wherever its bin stores it), the manifest re-hashed so the hash check passes: verify
+    exits 1 naming the failed bound (logits, tokens or perplexity)."""
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
     from edgeslm.artifact import read_manifest
@@ -225,24 +229,48 @@ def test_verify_fails_a_pte_with_swapped_weight_rows(artifacts, tmp_path, capsys
 
     src, manifest = artifacts("gemma2", "q4g32-rtn")
     folder = _copy(src, tmp_path / "swapped")
-    from pathlib import Path
-
     state = {}
     for f in Path(manifest["reference"]).glob("*.safetensors"):
         state.update(load_file(str(f)))
     table = next(v for k, v in state.items() if "embed_tokens" in k and k.endswith("qweight"))
     a, b = prompt_ids(char_tokenizer(), 97, 2)[0].tolist()
-    data = bytearray((folder / "model.pte").read_bytes())
-    row_a, row_b = bytes(table[a].numpy()), bytes(table[b].numpy())
-    at_a, at_b = data.find(row_a), data.find(row_b)
-    assert at_a >= 0 and at_b >= 0 and row_a != row_b
-    data[at_a : at_a + len(row_a)], data[at_b : at_b + len(row_b)] = row_b, row_a
-    (folder / "model.pte").write_bytes(bytes(data))
+    data = bytearray((folder / manifest["weights"]).read_bytes())
+    group_bytes = 16  # 32 int4 codes
+    for g in range(0, table.shape[1], group_bytes):
+        piece_a, piece_b = bytes(table[a, g : g + group_bytes].numpy()), bytes(table[b, g : g + group_bytes].numpy())
+        at_a, at_b = data.find(piece_a), data.find(piece_b)
+        assert at_a >= 0 and at_b >= 0 and data.count(piece_a) == 1
+        data[at_a : at_a + group_bytes], data[at_b : at_b + group_bytes] = piece_b, piece_a
+    (folder / manifest["weights"]).write_bytes(bytes(data))
     _rewrite_manifest(folder, read_manifest(folder))
     code = main(["verify", str(folder), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 1 and not out["passed"]
     assert any(("logit diff" in f) or ("perplexity" in f) or ("greedy" in f) for f in out["failures"]), out["failures"]
+
+
+def test_tied_table_is_stored_once_and_the_check_can_fail(artifacts):
+    """The int4 table's codes are one blob of the weights file, gathered by the embedding and
+    multiplied by XNNPACK's lm_head; codes that differ from XNNPACK's blob fail the check."""
+    from edgeslm.errors import CheckFailed
+    from edgeslm.targets.executorch import Embedding8da4w, tied_table_stored_once
+
+    folder, manifest = artifacts("gemma2", "q4g32-rtn")
+    assert manifest["tied_table"].startswith("stored once"), manifest.get("tied_table")
+    from edgeslm.loading import load_model
+    from edgeslm.targets.executorch import calibration_for, et_ready, fuse_projections
+
+    model, tok, _ = load_model(manifest["reference"])  # prepared as export prepares it: the same bins
+    fuse_projections(model)
+    prepared = et_ready(model.eval(), calibration_for(model, tok, manifest["context_length"]))
+    assert isinstance(prepared.embed_tokens, Embedding8da4w)
+    assert tied_table_stored_once(prepared, folder / manifest["weights"]) == manifest["tied_table"]
+    row = bytes(prepared.embed_tokens.codes_0[5].numpy())
+    assert (folder / manifest["weights"]).read_bytes().count(row) == 1
+    assert row not in (folder / manifest["program"]).read_bytes()
+    prepared.embed_tokens.codes_0[0, 0] ^= 0x11
+    with pytest.raises(CheckFailed, match="holds the tied table's bin 0 twice"):
+        tied_table_stored_once(prepared, folder / manifest["weights"])
 
 
 def test_verify_fails_constant_methods_that_disagree_with_the_manifest(artifacts, tmp_path, capsys):

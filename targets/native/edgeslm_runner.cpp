@@ -43,6 +43,7 @@ namespace {
 
 struct Options {
   std::string model;
+  std::string data;
   std::vector<int64_t> prompt;
   int steps = 16;
   int runs = 1;
@@ -55,7 +56,8 @@ struct Options {
 }
 
 const char* usage =
-    "usage: edgeslm-runner --model FILE.pte --tokens ID,ID,... [--steps N] [--runs N] [--warmup N]\n"
+    "usage: edgeslm-runner --model FILE.pte [--data FILE.ptd] --tokens ID,ID,... [--steps N] [--runs N] [--warmup N]\n"
+    "--data: the program's weights file, for a program exported with its constants outside the .pte.\n"
     "Runs prefill then greedy decode; prints JSON: tokens, ttft_ms and decode_ms_per_token per run,\n"
     "load_ms, peak_rss_kb. Exit 2 on bad input, 1 when the runtime fails.\n";
 
@@ -80,6 +82,8 @@ Options parse(int argc, char** argv) {
     std::string value = argv[++i];
     if (arg == "--model") {
       o.model = value;
+    } else if (arg == "--data") {
+      o.data = value;
     } else if (arg == "--tokens") {
       std::stringstream ss(value);
       std::string item;
@@ -249,14 +253,19 @@ std::string join(const std::vector<T>& values) {
 
 int main(int argc, char** argv) {
   Options o = parse(argc, argv);
-  if (FILE* f = std::fopen(o.model.c_str(), "rb")) {
-    std::fclose(f);
-  } else {
-    fail("cannot open " + o.model);
+  for (const std::string& path : {o.model, o.data}) {
+    if (path.empty()) continue;
+    if (FILE* f = std::fopen(path.c_str(), "rb")) {
+      std::fclose(f);
+    } else {
+      fail("cannot open " + path);
+    }
   }
   executorch::runtime::runtime_init();
   double t_load = now_ms();
-  Module module(o.model, Module::LoadMode::Mmap);
+  auto owned = o.data.empty() ? std::make_unique<Module>(o.model, Module::LoadMode::Mmap)
+                              : std::make_unique<Module>(o.model, o.data, Module::LoadMode::Mmap);
+  Module& module = *owned;
   check(module.load(), "loading " + o.model);
   Forward forward;
   forward.bind(module);
