@@ -1,4 +1,5 @@
-"""ExecuTorch target: one .pte program lowered to XNNPACK that speaks ExecuTorch's LLM-runner contract.
+"""ExecuTorch target: a program lowered to XNNPACK that speaks ExecuTorch's LLM-runner contract,
+model.pte with its weights in model.ptd (ExecuTorch's program-data separation).
 
   forward(tokens [1, T], input_pos [1]) -> logits [1, 1, V]     T dynamic, 1..get_max_seq_len;
                                                                  the last position's logits only
@@ -6,7 +7,8 @@
   use_kv_cache, use_sdpa_with_kv_cache, enable_dynamic_shape, get_bos_id, get_eos_ids
 
 which is what ExecuTorch's TextLLMRunner (C++, and the wheel's Python binding; Android's LlmModule
-and the iOS runner wrap it) reads and calls, with tokenizer/tokenizer.json as its tokenizer file.
+and the iOS runner wrap it) reads and calls, with tokenizer/tokenizer.json as its tokenizer file and
+model.ptd as its data file.
 The KV cache lives in the program's mutable buffers, owned by the attention modules that replace
 the decoder's KVAttention in every layer (executorch_attention.py): the runtime's own
 llama::update_cache + llama::custom_sdpa where the attention has no soft-cap, a ring buffer for
@@ -20,8 +22,11 @@ int4 (symmetric q4g{G}-*): 8-bit dynamic activations x OUR int4 weights. Each In
 linears whose weights are torchao IntxUnpackedToInt8Tensors built from our codes and fp16 scales
 (codes - 8 as int4 values, zero point 0, our scales), never re-quantized from float; export checks
 that they dequantize to exactly our int4 weights. XNNPACK packs them into its 4-bit blockwise
-kernels. The int4 embedding gathers rows of our packed table in plain ops; the tied lm_head is an
-8da4w linear over the same codes (XNNPACK keeps its own packed copy: the table is stored twice).
+kernels. The tied int4 table is stored once: the lm_head is an 8da4w linear over our codes, and the
+embedding gathers rows (in plain ops) from a buffer holding exactly the bytes XNNPACK serializes for
+that linear. Both land in model.ptd, whose named data dedupes equal blobs; a .pte alone cannot share
+them (its own constants and XNNPACK's named data are separate segments, and the 1.5 runtime resolves
+a constant by name only from an external data file).
 
 Activation ranges: XNNPACK quantizes a linear's input with one int8 range per token, so a few
 input groups with large activations wash out the rest (SmolLM2-135M q4g32-gptq: +2.9% Brown
@@ -611,7 +616,8 @@ class ExecuTorchTarget(Target):
 
     def inspect(self, folder: Path, manifest: dict) -> dict:
         return {"lowering": manifest.get("lowering"), "attention": manifest.get("attention"),
-                "llm_metadata": manifest.get("llm_metadata")}
+                "llm_metadata": manifest.get("llm_metadata"), "weights": manifest.get("weights"),
+                "tied_table": manifest.get("tied_table")}
 
 
 REQUIRED_METHODS = ("forward", "get_max_seq_len", "get_max_context_len", "get_vocab_size", "use_kv_cache",

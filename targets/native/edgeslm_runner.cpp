@@ -1,4 +1,4 @@
-// edgeslm-runner: loads an edgeslm ExecuTorch artifact (.pte), runs prefill then greedy decode over
+// edgeslm-runner: loads an edgeslm ExecuTorch artifact (.pte + its .ptd), runs prefill then greedy decode over
 // the given prompt token ids, and prints one JSON object with the tokens and the timings.
 //
 // It drives the program as ExecuTorch's LLM runner (extension/llm/runner, TextLLMRunner) does:
