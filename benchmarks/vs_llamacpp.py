@@ -219,9 +219,10 @@ def et_recipe_build(hf_folder: Path, out: Path, group: int) -> Path:
            "--output-dir", str(tmp), "-n", "model.pte"]
     log(f"building ExecuTorch's own 8da4w program (export_llama, group {group})")
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
+    with open(tmp / "export_llama.log", "w") as logfile:
+        r = subprocess.run(cmd, stdout=logfile, stderr=subprocess.STDOUT, text=True, cwd=tmp)
     if r.returncode != 0 or not (tmp / "model.pte").is_file():
-        raise RuntimeError((r.stderr.strip().splitlines() or ["no message"])[-1])
+        raise RuntimeError(f"export_llama exited {r.returncode}: see {tmp / 'export_llama.log'}")
     log(f"  done in {time.time() - t0:.0f} s")
     (tmp / "checkpoint.pth").unlink()
     shutil.rmtree(out, ignore_errors=True)
@@ -298,7 +299,9 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
     if "executorch" in args.targets.split(","):
         try:
             pte = et_recipe_build(resolve_model_path(None), work / "et-recipe-8da4w-g32", 32)
-            out.append(("ExecuTorch export_llama 8da4w g32 (native runner)", "peer", ["native", str(pte)], {}))
+            # its forward takes at most max_seq_length - 1 = 127 tokens, though get_max_seq_len says 128
+            out.append(("ExecuTorch export_llama 8da4w g32 (native runner)", "peer",
+                        ["native", str(pte), "--chunk", "127"], {}))
         except Exception as e:
             log(f"skipping ExecuTorch's export_llama peer: {e}")
     if llama_py:

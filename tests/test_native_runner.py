@@ -68,6 +68,8 @@ def test_native_tokens_equal_the_python_runtime(runner_binary, et_artifact):
     assert data[0] == "--data" and data[1].endswith(".ptd")
     result, rss_mb = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, runs=2, warmup=1, extra=data)
     assert result["tokens"] == expected.tolist()
+    chunked, _ = run_native(runner_binary, pte_file(et_artifact, manifest), prompt, steps, extra=[*data, "--chunk", "4"])
+    assert chunked["tokens"] == expected.tolist() and chunked["max_seq_len"] == 4  # the prompt in 4 + 4 + 3
     assert result["method"] == "forward" and result["max_seq_len"] == 64 and result["max_context_len"] == 64
     assert len(result["runs"]) == 2 and all(len(r["decode_ms"]) == steps - 1 for r in result["runs"])
     assert all(r["ttft_ms"] > 0 and min(r["decode_ms"]) > 0 for r in result["runs"])
@@ -98,7 +100,8 @@ def test_native_runner_rejects_bad_input(runner_binary, et_artifact, tmp_path):
     cases = [[*model, "--tokens", ",".join(["1"] * 60), "--steps", "10"],  # past the context of 64
              ["--model", str(tmp_path / "none.pte"), "--tokens", "1"], [*model, "--tokens", "1,x"],
              ["--model", pte, "--data", str(tmp_path / "none.ptd"), "--tokens", "1"],
-             [*model, "--tokens", "100000"], model, [*model, "--tokens", "1", "--bogus", "1"]]
+             [*model, "--tokens", "100000"], model, [*model, "--tokens", "1", "--bogus", "1"],
+             [*model, "--tokens", "1", "--chunk", "65"]]  # more than get_max_seq_len
     for args in cases:
         p = subprocess.run([str(runner_binary), *args], capture_output=True, text=True)
         assert p.returncode == 2, args

@@ -44,6 +44,7 @@ namespace {
 struct Options {
   std::string model;
   std::string data;
+  int chunk = 0;  // 0: get_max_seq_len
   std::vector<int64_t> prompt;
   int steps = 16;
   int runs = 1;
@@ -57,7 +58,9 @@ struct Options {
 
 const char* usage =
     "usage: edgeslm-runner --model FILE.pte [--data FILE.ptd] --tokens ID,ID,... [--steps N] [--runs N] [--warmup N]\n"
+    "                      [--chunk N]\n"
     "--data: the program's weights file, for a program exported with its constants outside the .pte.\n"
+    "--chunk: prompt tokens per forward call, at most get_max_seq_len (the default).\n"
     "Runs prefill then greedy decode; prints JSON: tokens, ttft_ms and decode_ms_per_token per run,\n"
     "load_ms, peak_rss_kb. Exit 2 on bad input, 1 when the runtime fails.\n";
 
@@ -88,6 +91,8 @@ Options parse(int argc, char** argv) {
       std::stringstream ss(value);
       std::string item;
       while (std::getline(ss, item, ',')) o.prompt.push_back(parse_int(item, "a token id"));
+    } else if (arg == "--chunk") {
+      o.chunk = parse_int(value, "--chunk");
     } else if (arg == "--steps") {
       o.steps = parse_int(value, "--steps");
     } else if (arg == "--runs") {
@@ -269,6 +274,8 @@ int main(int argc, char** argv) {
   check(module.load(), "loading " + o.model);
   Forward forward;
   forward.bind(module);
+  if (o.chunk > forward.max_seq_len) fail("--chunk exceeds the program's get_max_seq_len");
+  if (o.chunk > 0) forward.max_seq_len = o.chunk;
   for (int64_t id : o.prompt)
     if (id >= forward.vocab) fail("token id " + std::to_string(id) + " is outside the vocabulary");
   if (static_cast<int64_t>(o.prompt.size()) + o.steps - 1 > forward.max_context_len)
