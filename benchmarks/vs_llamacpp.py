@@ -298,7 +298,7 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
                         [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder), threads], {}))
     if "executorch" in args.targets.split(","):
         try:
-            pte = et_recipe_build(resolve_model_path(None), work / "et-recipe-8da4w-g32", 32)
+            pte = et_recipe_build(resolve_model_path(None), work / "et-export-llama-g32", 32)  # no "8da4w" in the path: export_llama then takes the checkpoint as pre-quantized
             # its forward takes at most max_seq_length - 1 = 127 tokens, though get_max_seq_len says 128
             out.append(("ExecuTorch export_llama 8da4w g32 (native runner)", "peer",
                         ["native", str(pte), "--chunk", "127"], {}))
