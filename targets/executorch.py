@@ -30,10 +30,13 @@ a constant by name only from an external data file).
 
 Activation ranges: XNNPACK quantizes a linear's input with one int8 range per token, so a few
 input groups with large activations wash out the rest (SmolLM2-135M q4g32-gptq: +2.9% Brown
-perplexity over the int4 reference). Export therefore runs the int4 model over calibration text,
-bins each linear's input groups by their largest |x| (groups within RANGE_RATIO of each other share
-a bin, at most MAX_BINS bins) and splits the linear along K into one 8da4w linear per bin, summed:
-the same int4 weights, an int8 range per token and bin.
+perplexity over the int4 reference). Export therefore runs the int4 model over calibration text and
+records each linear's largest |x| per input group. Inside the layers, each group is divided by a
+power of two near the square root of that value where the input is made (a norm's output scale,
+v_proj's or up_proj's output rows) and that group's weight scales multiplied by it: exact in floats,
+our codes untouched (power_of_two_smoothing). The lm_head (and any linear whose input no producer can
+rescale) is split along K into one 8da4w linear per bin of input groups of similar range, summed
+(range_bins): an int8 range per token and bin.
 
 Parity: 8-bit activations make the artifact inexact, so export derives its bounds before lowering
 from an eager simulation of the same arithmetic (parity.derive_bounds over simulation_of) and records them, with their
@@ -66,9 +69,11 @@ RANGE_RATIO = 2.0
 MAX_BINS = 6
 
 
-def torchao_int4_weight(module, groups: torch.Tensor) -> torch.Tensor:
+def torchao_int4_weight(module, groups: torch.Tensor, in_gain: torch.Tensor | None = None,
+                        out_gain: torch.Tensor | None = None) -> torch.Tensor:
     """The input groups `groups` of our packed int4 (Int4Linear / Int4Embedding, symmetric) ->
-    a torchao 8da4w weight tensor [N, len(groups) * G]."""
+    a torchao 8da4w weight tensor [N, len(groups) * G]: our codes, our scales times the powers of
+    two in_gain [K/G] (per input group) and out_gain [N] (per output row), which multiply exactly."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
         IntxUnpackedToInt8Tensor, IntxUnpackedToInt8TensorActivationQuantization)
 
@@ -83,12 +88,17 @@ def torchao_int4_weight(module, groups: torch.Tensor) -> torch.Tensor:
     # code 0 with the smallest fp16 scale
     dead = (scales == 0).repeat_interleave(g, dim=1)
     codes = torch.where(dead, torch.zeros_like(codes), codes)
-    scales = torch.where(scales == 0, torch.full_like(scales, 2**-24), scales)
+    scales = torch.where(scales == 0, torch.full_like(scales, 2**-24), scales).float()
+    gain = torch.ones(n, len(groups))
+    if in_gain is not None:
+        gain = gain * in_gain[groups][None, :]
+    if out_gain is not None:
+        gain = gain * out_gain[:, None]
     weight = IntxUnpackedToInt8Tensor(
-        codes.to(torch.int8), scales.float(), torch.zeros_like(scales, dtype=torch.int8),
+        codes.to(torch.int8), scales * gain, torch.zeros_like(scales, dtype=torch.int8),
         torch.int4, (1, g), torch.float32,
         IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN)
-    ours = dequantize_int4(qweight, module.scales[:, groups], None, g, torch.float32)
+    ours = dequantize_int4(qweight, module.scales[:, groups], None, g, torch.float32) * gain.repeat_interleave(g, 1)
     theirs = weight.dequantize()
     if not torch.equal(ours, theirs):
         raise CheckFailed(f"torchao int4 weight differs from ours by {float((ours - theirs).abs().max()):.3g}")
@@ -129,17 +139,22 @@ def range_bins(group_max: torch.Tensor) -> list[torch.Tensor]:
 
 
 class Linear8da4w(nn.Module):
-    """One 8da4w linear per bin of input groups (all groups in one bin without calibration), summed."""
+    """One 8da4w linear per bin of input groups (all groups in one bin without calibration), summed;
+    in_gain / out_gain: the power-of-two smoothing of its input groups and output rows."""
 
-    def __init__(self, m, bins: list[torch.Tensor] | None = None):
+    def __init__(self, m, bins: list[torch.Tensor] | None = None, in_gain: torch.Tensor | None = None,
+                 out_gain: torch.Tensor | None = None):
         super().__init__()
         bins = bins or [torch.arange(m.in_features // m.group_size)]
         self.num_bins = len(bins)
         for i, groups in enumerate(bins):
-            setattr(self, f"weight_{i}", nn.Parameter(torchao_int4_weight(m, groups), requires_grad=False))
+            weight = torchao_int4_weight(m, groups, in_gain, out_gain)
+            setattr(self, f"weight_{i}", nn.Parameter(weight, requires_grad=False))
             channels = (groups[:, None] * m.group_size + torch.arange(m.group_size)).flatten()
             self.register_buffer(f"channels_{i}", channels if len(bins) > 1 else None)
         self.bias = m.bias
+        if m.bias is not None and out_gain is not None:
+            self.bias = nn.Parameter(m.bias.detach() * out_gain.to(m.bias.dtype), requires_grad=False)
 
     def forward(self, x):
         if self.num_bins == 1:
@@ -155,15 +170,16 @@ class Embedding8da4w(nn.Module):
     serializes that bin's weight (code + 8, even element in the low nibble), so the program's
     weights file stores the table once (ExecuTorch's named data dedupes equal blobs)."""
 
-    def __init__(self, m, bins: list[torch.Tensor] | None = None):
+    def __init__(self, m, bins: list[torch.Tensor] | None = None, in_gain: torch.Tensor | None = None):
         super().__init__()
         self.group, self.dim = m.group_size, m.in_features
-        self.head = Linear8da4w(m, bins)
+        self.head = Linear8da4w(m, bins, in_gain)
+        bins = bins or [torch.arange(m.in_features // m.group_size)]
         order = []
-        for i in range(self.head.num_bins):
+        for i, groups in enumerate(bins):
             weight = getattr(self.head, f"weight_{i}")
             self.register_buffer(f"codes_{i}", xnnpack_packed_int4(weight.qdata))
-            self.register_buffer(f"scales_{i}", weight.scale.to(m.scales.dtype))
+            self.register_buffer(f"scales_{i}", m.scales[:, groups].clone())  # ours: the gains are the head's
             channels = getattr(self.head, f"channels_{i}")
             order.append(channels if channels is not None else torch.arange(self.dim))
         # bins concatenated -> the table's channel order
@@ -191,12 +207,15 @@ def xnnpack_packed_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
-    """Swaps our int4 modules for 8da4w ones; with calibration tokens, each splits by range_bins."""
+    """Swaps our int4 modules for 8da4w ones. With calibration tokens, smooths the inputs of the
+    linears inside the layers (power_of_two_smoothing: one int8 range per token then) and splits
+    the others (the lm_head, and any whose input could not be smoothed) by range_bins."""
     from ..qformat import map_quantized_modules
     from ..schemes.base import QuantizedEmbedding, QuantizedLinear
 
     ranges = input_group_ranges(model, calibration) if calibration is not None else {}
-    bins = {m: range_bins(r) for m, r in ranges.items()}
+    in_gains, out_gains, norm_gains = power_of_two_smoothing(model, ranges)
+    bins = {m: range_bins(r) for m, r in ranges.items() if m not in in_gains}
     layer_of = {m: name.split(".")[1] for name, m in model.named_modules()
                 if name.startswith("layers.") and isinstance(m, QuantizedLinear)}
     done = set()
@@ -206,12 +225,73 @@ def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
         if progress is not None and layer is not None and layer not in done:
             done.add(layer)
             progress(f"layer {int(layer) + 1}/{model.spec.num_layers}: int4 linears -> 8da4w weights")
-        return Linear8da4w(m, bins.get(m))
+        return Linear8da4w(m, bins.get(m), in_gains.get(m), out_gains.get(m))
 
     if progress is not None and any(isinstance(m, QuantizedEmbedding) for m in model.modules()):
         progress("int4 table -> gather + 8da4w lm_head")
-    map_quantized_modules(model, linear, lambda m: Embedding8da4w(m, bins.get(m)))
-    return for_xnnpack_partitions(model)
+    map_quantized_modules(model, linear, lambda m: Embedding8da4w(m, bins.get(m), in_gains.get(m)))
+    norms = {id(n): gain for n, gain in norm_gains.items()}
+    return for_xnnpack_partitions(model, norms)
+
+
+SMOOTHING_EXPONENT = 0.5
+
+
+def power_of_two(group_max: torch.Tensor) -> torch.Tensor:
+    """2**round(log2 x**SMOOTHING_EXPONENT) per entry; 1 where x is 0 (a group that never carried a value)."""
+    s = torch.exp2(torch.round(SMOOTHING_EXPONENT * torch.log2(group_max.clamp_min(1e-30))))
+    return torch.where(group_max > 0, s, torch.ones_like(s))
+
+
+def power_of_two_smoothing(model, ranges: dict) -> tuple[dict, dict, dict]:
+    """Per input group g of an int4 linear inside a layer, a power of two s_g near the square root of
+    its calibrated largest |x| (half the spread moves into the weights, as in SmoothQuant): the
+    linear's input is divided by s_g where it is made and its weight scales multiplied by s_g, which
+    is exact in floats (powers of two) and leaves our int4 codes as they are. Where the division happens:
+      the norm feeding q/k/v or gate/up: its output scale (per channel);
+      o_proj's input: v_proj's output rows (one s per kv head and group, shared by its query heads);
+      down_proj's input: up_proj's output rows.
+    A site of another shape (parallel residual, unfused projections, float linears) is left alone,
+    and so is the lm_head: on SmolLM2 smoothing its input cost perplexity where range bins do not.
+    Returns ({module: in_gain [K/G]}, {module: out_gain [N]}, {norm: gain [D]})."""
+    from ..schemes.int4 import Int4Linear
+
+    in_gains, out_gains, norm_gains = {}, {}, {}
+    spec = model.spec
+
+    def fused(owner, name):
+        head = getattr(owner, name, None)
+        return head.fused if isinstance(head, FusedHead) and isinstance(head.fused, Int4Linear) else None
+
+    def smooth_norm(norm, m):
+        if m is None or m not in ranges:
+            return
+        s = power_of_two(ranges[m])
+        in_gains[m] = s
+        norm_gains[norm] = (1.0 / s).repeat_interleave(m.group_size)
+
+    def smooth_rows(producer, first: int, consumer, s_rows: torch.Tensor, s_groups: torch.Tensor):
+        gain = out_gains.setdefault(producer, torch.ones(producer.out_features))
+        gain[first : first + len(s_rows)] = 1.0 / s_rows
+        in_gains[consumer] = s_groups
+
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv, gate_up = fused(attn, "q_proj"), fused(mlp, "gate_proj")
+        if not spec.parallel_residual:
+            smooth_norm(layer.attn_norm, qkv)
+            smooth_norm(layer.mlp_norm, gate_up)
+        o, d, g = attn.o_proj, attn.head_dim, getattr(attn.o_proj, "group_size", 0)
+        if qkv is not None and isinstance(o, Int4Linear) and o in ranges and d % g == 0:
+            per_head = ranges[o].view(attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, d // g)
+            s_kv = power_of_two(per_head.amax(1))  # [KV, D/G]: query heads h of kv head h // (H/KV)
+            s_o = s_kv[:, None, :].expand_as(per_head).reshape(-1)
+            smooth_rows(qkv, attn.num_heads * d + attn.num_kv_heads * d, o, s_kv.repeat_interleave(g, -1).reshape(-1), s_o)
+        down = mlp.down_proj
+        if gate_up is not None and isinstance(down, Int4Linear) and down in ranges:
+            s = power_of_two(ranges[down])
+            smooth_rows(gate_up, gate_up.out_features - down.in_features, down, s.repeat_interleave(down.group_size), s)
+    return in_gains, out_gains, norm_gains
 
 
 class RmsNormLinearMean(nn.Module):
@@ -220,18 +300,24 @@ class RmsNormLinearMean(nn.Module):
     portable mean between two XNNPACK partitions twice per layer; this one keeps each layer's
     norms inside the partitions around them."""
 
-    def __init__(self, norm):
+    def __init__(self, norm, gain: torch.Tensor | None = None):
         super().__init__()
-        self.kind, self.eps, self.weight = norm.kind, norm.eps, norm.weight
+        self.eps = norm.eps
         dim = norm.weight.shape[0]
         self.register_buffer("mean_row", torch.full((1, dim), 1.0 / dim))
+        # the output scale per channel (Gemma's 1 + weight), times the smoothing gain (powers of two:
+        # y * (scale * gain) rounds as (y * scale) * gain)
+        scale = norm.weight.detach().float() + (1.0 if norm.kind == "rms_gemma" else 0.0)
+        self.register_buffer("scale", scale if gain is None else scale * gain)
+
+    @property
+    def weight(self):  # the decoder casts the embedding to its final norm's weight dtype
+        return self.scale
 
     def forward(self, x):
         x32 = x.float()
         y = x32 * torch.rsqrt(nn.functional.linear(x32 * x32, self.mean_row) + self.eps)
-        if self.kind == "rms_gemma":
-            return (y * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * y.to(x.dtype)
+        return (y * self.scale).to(x.dtype)
 
 
 class RotateHalfLinear(nn.Module):
@@ -251,16 +337,18 @@ class RotateHalfLinear(nn.Module):
         return nn.functional.linear(x, self.rotation)
 
 
-def for_xnnpack_partitions(model):
+def for_xnnpack_partitions(model, norm_gains: dict | None = None):
     """In place, the same function in ops XNNPACK delegates over a dynamic length: every RMSNorm
-    (layer norms stay) -> RmsNormLinearMean, every attention's rotate_half -> RotateHalfLinear."""
+    (layer norms stay) -> RmsNormLinearMean (with its smoothing gain from norm_gains, keyed by the
+    norm's id), every attention's rotate_half -> RotateHalfLinear."""
     from ..model import Norm, RotateHalf
 
+    norm_gains = norm_gains or {}
     for name, mod in list(model.named_modules()):
         *path, attr = name.split(".")
         parent = model.get_submodule(".".join(path))
         if isinstance(mod, Norm) and mod.kind != "layer":
-            setattr(parent, attr, RmsNormLinearMean(mod))
+            setattr(parent, attr, RmsNormLinearMean(mod, norm_gains.get(id(mod))))
         elif isinstance(mod, RotateHalf):
             setattr(parent, attr, RotateHalfLinear(model.spec.rotary_dim))
     return model
