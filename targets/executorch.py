@@ -249,10 +249,10 @@ def power_of_two_smoothing(model, ranges: dict) -> tuple[dict, dict, dict]:
     linear's input is divided by s_g where it is made and its weight scales multiplied by s_g, which
     is exact in floats (powers of two) and leaves our int4 codes as they are. Where the division happens:
       the norm feeding q/k/v or gate/up: its output scale (per channel);
-      o_proj's input: v_proj's output rows (one s per kv head and group, shared by its query heads);
-      down_proj's input: up_proj's output rows.
+      o_proj's input: v_proj's output rows (one s per kv head and group, shared by its query heads).
     A site of another shape (parallel residual, unfused projections, float linears) is left alone,
-    and so is the lm_head: on SmolLM2 smoothing its input cost perplexity where range bins do not.
+    and so are down_proj and the lm_head: on SmolLM2 their inputs keep range bins, which cost
+    less perplexity there than smoothing (simulated: +0.01% against +0.27% with smoothed down_proj).
     Returns ({module: in_gain [K/G]}, {module: out_gain [N]}, {norm: gain [D]})."""
     from ..schemes.int4 import Int4Linear
 
@@ -287,10 +287,6 @@ def power_of_two_smoothing(model, ranges: dict) -> tuple[dict, dict, dict]:
             s_kv = power_of_two(per_head.amax(1))  # [KV, D/G]: query heads h of kv head h // (H/KV)
             s_o = s_kv[:, None, :].expand_as(per_head).reshape(-1)
             smooth_rows(qkv, attn.num_heads * d + attn.num_kv_heads * d, o, s_kv.repeat_interleave(g, -1).reshape(-1), s_o)
-        down = mlp.down_proj
-        if gate_up is not None and isinstance(down, Int4Linear) and down in ranges:
-            s = power_of_two(ranges[down])
-            smooth_rows(gate_up, gate_up.out_features - down.in_features, down, s.repeat_interleave(down.group_size), s)
     return in_gains, out_gains, norm_gains
 
 
