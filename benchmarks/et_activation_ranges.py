@@ -11,6 +11,10 @@ of the tied lm_head) and reads Brown test perplexity for:
   range bins    one range per token and bin of input groups, the bins export uses
                 (targets/executorch.py: input_group_ranges + range_bins, the same calibration)
   per group     one range per token and group of 32: the finest split possible
+  smoothed      the export's rule: the inputs of q/k/v, gate/up and o_proj divided by
+                power_of_two(group max) (one range per token), down_proj and the lm_head in range
+                bins (o_proj here takes one power of two per group, the export one per kv head)
+  all smoothed  every input divided by power_of_two(group max), one range per token
 The scales are the reference's (already bf16-exact, see schemes.int4.scale_grid). Prints a table or JSON.
 """
 
@@ -45,7 +49,7 @@ def main(argv=None):
     from edgeslm.schemes.int4 import Int4Embedding, Int4Linear
     from edgeslm.quantizer import reference_folder
     from edgeslm.schemes import DEFAULT_SCHEME, get_scheme
-    from edgeslm.targets.executorch import calibration_for, input_group_ranges, range_bins
+    from edgeslm.targets.executorch import calibration_for, input_group_ranges, power_of_two, range_bins
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scheme", default=DEFAULT_SCHEME)
@@ -57,18 +61,27 @@ def main(argv=None):
     ids = evaluate.eval_tokens(tok, data.load_eval_text("brown:test"), args.tokens)
     ranges = input_group_ranges(model, calibration_for(model, tok, 512))
     modules = list(ranges)
+    names = {m: n for n, m in model.named_modules() if m in ranges}
     groups_of = {m: torch.arange(m.in_features // m.group_size) for m in modules}
+    binned = {m for m in modules if isinstance(m, Int4Embedding) or "down_proj" in names[m]}
     modes = {
         "weight-only": None,
         "one range": {m: [groups_of[m]] for m in modules},
         "range bins": {m: range_bins(ranges[m]) for m in modules},
         "per group": {m: [g[None] for g in groups_of[m]] for m in modules},
+        "smoothed": {m: range_bins(ranges[m]) if m in binned else ([groups_of[m]], power_of_two(ranges[m]))
+                     for m in modules},
+        "all smoothed": {m: ([groups_of[m]], power_of_two(ranges[m])) for m in modules},
     }
 
     active = {}
 
     def round_input(module, x):
         sets = active.get(module)
+        if isinstance(sets, tuple):  # (sets, power of two per group): divided out, rounded, multiplied back
+            sets, s = sets
+            s = s.repeat_interleave(module.group_size)
+            return rounded_by_groups(x / s, sets, module.group_size) * s
         return x if sets is None else rounded_by_groups(x, sets, module.group_size)
 
     handles = [m.register_forward_pre_hook(lambda mod, a: (round_input(mod, a[0]),))
@@ -82,8 +95,8 @@ def main(argv=None):
         for name, sets in modes.items():
             active = sets or {}
             ppl = evaluate.perplexity(evaluate.decoder_logits_fn(model), ids, progress=not args.json)["perplexity"]
-            rows.append({"mode": name, "perplexity": ppl,
-                         "int8_ranges_per_token": sum(len(s) for s in sets.values()) if sets else 0})
+            rows.append({"mode": name, "perplexity": ppl, "int8_ranges_per_token":
+                         sum(len(s[0] if isinstance(s, tuple) else s) for s in sets.values()) if sets else 0})
     finally:
         for h in handles:
             h.remove()
