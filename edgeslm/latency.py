@@ -283,7 +283,7 @@ def measure_android(serial: str, folder, manifest: dict, prompt_tokens: int, dec
     prompt = prompt_ids(_vocab(folder, manifest), prompt_tokens)
     remote = (f"cd {ANDROID_DIR} && LD_LIBRARY_PATH={ANDROID_DIR} ./edgeslm-runner --model model.pte --tokens "
               f"{','.join(map(str, prompt))} --steps {decode_tokens} --runs {runs} --warmup {warmup} "
-              + " ".join(native_args(ANDROID_DIR, {**manifest, "weights": "model.ptd" if manifest.get("weights") else None})))
+              + ("--data model.ptd" if manifest.get("weights") else ""))
     p = subprocess.run(adb + ["shell", remote], capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"edgeslm-runner on {serial}: {p.stderr.strip()[-300:]}")
